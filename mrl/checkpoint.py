@@ -1,0 +1,130 @@
+"""Saving and loading: the final model that evaluate.py reads, and the training checkpoints a run resumes from.
+
+A finished run's `--output_dir` holds `model.safetensors` (keys `backbone.*`, and `heads.*` for supervised runs)
+and `config.json` (everything needed to rebuild the model and its preprocessing). Training checkpoints are
+Accelerate `save_state` folders under `checkpoints/step_<optimizer step>`.
+"""
+
+import json
+import os
+import re
+import shutil
+
+from safetensors.torch import load_file
+
+from mrl import UserError
+from mrl.models import MatryoshkaHeads, build_backbone
+
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class TrainState:
+    """Where a run is: registered with `accelerator.register_for_checkpointing`, so it is saved and restored
+    with the model and optimizer. `batch_in_epoch` counts the batches already consumed this epoch (what a
+    mid-epoch resume skips); `wandb_run_id` lets a resumed run continue the same W&B run page; `history` holds
+    the per-epoch evaluation results, so metrics.json of a resumed run covers all epochs."""
+
+    def __init__(self):
+        self.epoch, self.step, self.batch_in_epoch, self.wandb_run_id, self.history = 0, 0, 0, None, []
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+def save_checkpoint(accelerator, output_dir, step, keep):
+    """`accelerator.save_state` into `checkpoints/step_<step>`, keeping the newest `keep` checkpoints.
+
+    The state is written to a `.tmp` folder and renamed when complete, so a run killed while saving never leaves
+    a folder that looks like a finished checkpoint.
+    """
+    root = os.path.join(output_dir, CHECKPOINTS)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoint folders of a run, oldest first."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name)))
+    return [os.path.join(root, name) for _, name in steps]
+
+
+def resolve_checkpoint(output_dir, resume_from):
+    """The checkpoint folder `--resume_from_checkpoint` names: a path, or "latest" (None when there is none yet,
+    so a preempted job can be relaunched with the same command from its first start)."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    if not os.path.isdir(resume_from):
+        raise UserError(f"--resume_from_checkpoint {resume_from} is not a folder")
+    if not os.path.isfile(os.path.join(resume_from, "custom_checkpoint_0.pkl")):
+        raise UserError(f"--resume_from_checkpoint {resume_from} is not a checkpoint of this repo "
+                        f"(expected a folder like {os.path.join(output_dir, CHECKPOINTS, 'step_00000100')})")
+    return resume_from
+
+
+def save_model(accelerator, model, output_dir, config):
+    """The trained model as safetensors plus the JSON config that load_model rebuilds it from."""
+    accelerator.save_model(model, output_dir)
+    if accelerator.is_main_process:
+        with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
+            json.dump({"format_version": FORMAT_VERSION, **config}, f, indent=2)
+
+
+def read_config(path):
+    file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(file):
+        raise UserError(f"{path} is not a trained model folder: {CONFIG_FILE} is missing")
+    with open(file) as f:
+        config = json.load(f)
+    if config.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{file} has format version {config.get('format_version')}; this code reads {FORMAT_VERSION}")
+    return config
+
+
+def load_model(path, device="cpu"):
+    """(backbone, heads or None, config) of a model saved by save_model, in eval mode."""
+    config = read_config(path)
+    weights = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(weights):
+        raise UserError(f"{path} has {CONFIG_FILE} but no {MODEL_FILE}: the run did not finish saving")
+    state = load_file(weights, device=str(device))
+    model_cfg = config["model"]
+    backbone = build_backbone(model_cfg["backbone"], config["data"]["image_size"], model_cfg["cifar_stem"])
+    backbone.load_state_dict(_with_prefix(state, "backbone."))
+    heads = None
+    if config.get("heads"):
+        heads = MatryoshkaHeads(config["heads"]["dims"], config["heads"]["num_classes"], config["heads"]["tied"])
+        heads.load_state_dict(_with_prefix(state, "heads."))
+    for module in (backbone, heads):
+        if module is not None:
+            module.to(device).eval()
+    return backbone, heads, config
+
+
+def _with_prefix(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+

@@ -1,0 +1,312 @@
+"""Datasets as train / validation / test splits of (image, label), and the image transforms that go with them.
+
+Every dataset, wherever it comes from, is normalized to three columns: `image` (kept undecoded until a sample is
+used, so a corrupt file costs one sample, not the run), `label` (a ClassLabel) and `index` (the row's position in
+the source, which seeds that sample's random augmentation -- see ImageTransform).
+"""
+
+import io
+import os
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image, ImageOps
+
+import datasets
+from mrl import UserError
+
+HALF = (0.5, 0.5, 0.5)  # the blog's normalization: [0, 1] -> [-1, 1]
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a dataset needs besides its rows: where it lives, its image size and statistics, and defaults."""
+
+    hub_id: str | None
+    image_size: int
+    mean: tuple
+    std: tuple
+    augment: str  # train-time augmentation, see build_transform
+    model: str  # default backbone
+    min_image_size: int = 0  # images smaller than this on either side are dropped
+    label_column: str | None = None  # preferred label column where a dataset has several
+
+
+PRESETS = {
+    # The blog: microsoft/cats_vs_dogs resized to 256x256, in [-1, 1], flip + 3x3 blur, images < 100 px dropped.
+    "cats_vs_dogs": Preset("microsoft/cats_vs_dogs", 256, HALF, HALF, "blog", "cnn4", min_image_size=100),
+    "cifar10": Preset("uoft-cs/cifar10", 32, *CIFAR10_STATS, "crop_flip", "resnet18"),
+    "cifar100": Preset("uoft-cs/cifar100", 32, *CIFAR100_STATS, "crop_flip", "resnet18", label_column="fine_label"),
+    # scikit-learn's 8x8 handwritten digits, shipped inside the package: offline, for quick runs and tests.
+    # Flips would turn digits into other shapes, so only shifts.
+    "digits": Preset(None, 16, HALF, HALF, "crop", "resnet18"),
+    # Anything local: a Hub-layout copy, a `save_to_disk` folder or an image folder (one subfolder per class).
+    "custom": Preset(None, 224, *IMAGENET_STATS, "resized_crop_flip", "resnet18"),
+}
+LABEL_COLUMNS = ("label", "labels", "fine_label")
+IMAGE_COLUMNS = ("image", "img")
+VALIDATION_SPLITS = ("validation", "valid", "val")
+
+
+@dataclass
+class Splits:
+    train: datasets.Dataset
+    val: datasets.Dataset
+    test: datasets.Dataset | None  # None when --test_fraction 0 and the source has no test split (the blog)
+    class_names: list
+    dropped: int = 0  # rows removed by the minimum-size filter (corrupt images included)
+
+
+def load_splits(name, path=None, *, seed=0, val_fraction=0.1, test_fraction=0.1, max_train_samples=None,
+                max_eval_samples=None, min_image_size=None):
+    """Load dataset `name` (a key of PRESETS) from the Hub, or from `path` when given, as stratified splits.
+
+    A split the source provides (test, validation) is used as is; missing ones are carved out of train,
+    stratified by label and seeded. `val_fraction` and `test_fraction` are fractions of the whole train split.
+    """
+    preset = get_preset(name)
+    raw = _load_raw(name, preset, path)
+    raw = {split: _normalize_columns(ds, preset.label_column, split) for split, ds in raw.items()}
+    if "train" not in raw:
+        raise UserError(f"dataset {path or name} has no 'train' split (it has: {', '.join(raw)})")
+    raw = _unify_labels(raw)
+    min_size = preset.min_image_size if min_image_size is None else min_image_size
+    dropped = 0
+    if min_size > 0:
+        for split, ds in raw.items():
+            raw[split] = ds.filter(_at_least(min_size), batched=True, input_columns=["image"],
+                                   desc=f"dropping {split} images under {min_size} px")
+            dropped += len(ds) - len(raw[split])
+
+    train, test = raw["train"], raw.get("test")
+    val = next((raw[s] for s in VALIDATION_SPLITS if s in raw), None)
+    if test is None and test_fraction > 0:
+        train, test = _stratified_split(train, test_fraction, seed)
+    if val is None:
+        carved = test_fraction if "test" not in raw else 0.0
+        train, val = _stratified_split(train, val_fraction / (1 - carved), seed)
+    if max_train_samples:
+        train = train.shuffle(seed=seed).select(range(min(max_train_samples, len(train))))
+    if max_eval_samples:
+        val = val.select(range(min(max_eval_samples, len(val))))
+        test = test.select(range(min(max_eval_samples, len(test)))) if test is not None else None
+    if len(train) == 0 or len(val) == 0:
+        raise UserError(f"dataset {path or name} has too few usable images ({len(train)} train, {len(val)} val)")
+    return Splits(train, val, test, train.features["label"].names, dropped)
+
+
+def get_preset(name):
+    if name not in PRESETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _load_raw(name, preset, path):
+    """The source's splits as a dict of Datasets, with clear errors for the ways loading fails."""
+    if name == "digits" and not path:
+        return {"train": digits_dataset()}
+    if path is None and preset.hub_id is None:
+        raise UserError(f"--dataset {name} needs --dataset_path (a local dataset or image folder)")
+    source = path or preset.hub_id
+    try:
+        if path is not None:
+            if not os.path.exists(path):
+                raise UserError(f"--dataset_path {path} does not exist")
+            if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
+                ds = datasets.load_from_disk(path)
+            else:
+                ds = datasets.load_dataset(path)
+        else:
+            _check_hub_reachable(preset.hub_id)
+            ds = datasets.load_dataset(preset.hub_id)
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError...)
+        hint = "" if path else " Pass --dataset_path with a local copy."
+        raise UserError(f"could not load dataset {source}: {type(e).__name__}: {str(e).splitlines()[0]}.{hint}") from e
+    if isinstance(ds, datasets.Dataset):
+        return {"train": ds}
+    return dict(ds)
+
+
+def _check_hub_reachable(repo_id):
+    """Fail in seconds, not after a minute of retries, when the Hub cannot be reached and nothing says offline."""
+    if datasets.config.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return  # offline mode reads the cache; behind a proxy a direct connection says nothing
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError:
+        raise UserError(
+            f"cannot reach the Hugging Face Hub ({url.hostname}) to download {repo_id}. Pass --dataset_path with a "
+            "local copy (the Hub's parquet layout, a save_to_disk folder or an image folder), or set "
+            "HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache.") from None
+
+
+def digits_dataset():
+    """scikit-learn's 1,797 8x8 digit images (values 0..16) as 8-bit grayscale PIL images with labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()}, features=features)
+
+
+def _normalize_columns(ds, preferred_label, split):
+    columns = ds.column_names
+    image_col = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    image_col = image_col or next((c for c in IMAGE_COLUMNS if c in columns), None)
+    label_candidates = ((preferred_label,) if preferred_label else ()) + LABEL_COLUMNS
+    label_col = next((c for c in label_candidates if c in columns), None)
+    label_col = label_col or next((c for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+    if image_col is None or label_col is None:
+        missing = "an image column" if image_col is None else "a label column"
+        raise UserError(f"the {split} split has no {missing} (columns: {', '.join(columns)})")
+    ds = ds.select_columns([image_col, label_col])
+    ds = ds.rename_columns({c: n for c, n in ((image_col, "image"), (label_col, "label")) if c != n})
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    return ds.add_column("index", np.arange(len(ds)))
+
+
+def _unify_labels(splits):
+    """Give every split the same ClassLabel; plain int or string labels are mapped to one sorted vocabulary."""
+    features = {name: ds.features["label"] for name, ds in splits.items()}
+    if all(isinstance(f, datasets.ClassLabel) for f in features.values()):
+        names = {tuple(f.names) for f in features.values()}
+        if len(names) > 1:
+            raise UserError("the dataset's splits have different class names: " + "; ".join(map(str, names)))
+        return splits
+    values = sorted(set().union(*(set(ds.unique("label")) for ds in splits.values())))
+    label = datasets.ClassLabel(names=[str(v) for v in values])
+    mapping = {v: i for i, v in enumerate(values)}
+    return {name: ds.map(lambda b: {"label": [mapping[v] for v in b["label"]]}, batched=True,
+                         features=datasets.Features({**ds.features, "label": label}), desc=f"encoding {name} labels")
+            for name, ds in splits.items()}
+
+
+def _stratified_split(ds, fraction, seed):
+    try:
+        parts = ds.train_test_split(test_size=fraction, stratify_by_column="label", seed=seed)
+    except ValueError as e:
+        raise UserError(f"cannot split {len(ds)} images into a {fraction:.0%} stratified part: {e}") from None
+    return parts["train"], parts["test"]
+
+
+def open_image(item):
+    """An undecoded `image` cell (bytes and/or path) as an RGB PIL image, or None when it cannot be read.
+
+    cats_vs_dogs holds grayscale, RGBA, CMYK and palette images, and a few files that are not images at all.
+    """
+    try:
+        image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... for bad files
+        return None
+
+
+def _at_least(min_size):
+    def keep(items):
+        sizes = []
+        for item in items:
+            try:  # reads the header only
+                with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+                    sizes.append(min(image.size))
+            except Exception:
+                sizes.append(0)
+        return [s >= min_size for s in sizes]
+    return keep
+
+
+def build_transform(augment, image_size, mean, std, train):
+    """PIL image -> normalized tensor. `augment` names the train-time augmentation; eval is deterministic."""
+    size = (image_size, image_size)
+    if augment == "resized_crop_flip":
+        steps = ([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if train
+                 else [T.Resize(round(image_size / 0.875)), T.CenterCrop(size)])
+    else:
+        steps = [T.Resize(size)]
+        if train and augment == "blog":
+            steps += [T.RandomHorizontalFlip(), T.GaussianBlur(3)]
+        elif train and augment in ("crop_flip", "crop"):
+            steps.append(T.RandomCrop(size, padding=image_size // 8))
+            steps += [T.RandomHorizontalFlip()] if augment == "crop_flip" else []
+        elif augment not in ("blog", "crop_flip", "crop", "none"):
+            raise UserError(f"unknown augmentation {augment!r}")
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+class ImageTransform:
+    """The callable given to `Dataset.set_transform`: decodes each image and applies `transform` to it.
+
+    With `seed` set, every sample's augmentation is drawn from its own generator seeded by (seed, epoch, index),
+    so a sample is augmented the same way whichever worker, process or resumed run loads it: resuming mid-epoch
+    and changing the number of workers or processes leave the training batches bit-identical. `epoch` is read
+    when the DataLoader's workers are started (they get a copy), so set it before iterating over an epoch.
+    Unreadable images come out as None; Collate drops or masks them.
+    """
+
+    def __init__(self, transform, seed=None, views=1):
+        self.transform, self.seed, self.views, self.epoch = transform, seed, views, 0
+
+    def __call__(self, batch):
+        samples = []
+        for item, index in zip(batch["image"], batch["index"]):
+            image = open_image(item)
+            if image is None:
+                samples.append(None)
+                continue
+            with torch.random.fork_rng(devices=[], enabled=self.seed is not None):
+                if self.seed is not None:
+                    torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + int(index))
+                views = [self.transform(image) for _ in range(self.views)]
+            samples.append(views[0] if self.views == 1 else views)
+        return {"pixel_values": samples, "label": batch["label"]}
+
+
+class Collate:
+    """Stack a batch; `skipped` counts the samples whose image could not be read.
+
+    For training they are dropped. For evaluation (`keep_shape=True`) they become zero images labelled -1, so every
+    process contributes equally shaped tensors to `gather_for_metrics`; the metrics then ignore label -1.
+    """
+
+    def __init__(self, keep_shape=False):
+        self.keep_shape = keep_shape
+
+    def __call__(self, batch):
+        bad = [b["pixel_values"] is None for b in batch]
+        if self.keep_shape and not all(bad):
+            like = next(b["pixel_values"] for b in batch if b["pixel_values"] is not None)
+            batch = [{"pixel_values": torch.zeros_like(like), "label": -1} if b["pixel_values"] is None else b
+                     for b in batch]
+        kept = [b for b in batch if b["pixel_values"] is not None]
+        images = [b["pixel_values"] for b in kept]
+        if not images:
+            pixel_values = torch.empty(0)
+        elif torch.is_tensor(images[0]):
+            pixel_values = torch.stack(images)
+        else:  # several views per sample: one stacked tensor per view
+            pixel_values = [torch.stack(view) for view in zip(*images)]
+        return {"pixel_values": pixel_values, "labels": torch.tensor([b["label"] for b in kept], dtype=torch.long),
+                "skipped": torch.tensor(sum(bad))}
+
+
+def attach_transforms(splits, augment, image_size, mean, std, seed, views=1):
+    """set_transform on every split (train augmented and seeded, val/test plain); returns the train transform."""
+    train_transform = ImageTransform(build_transform(augment, image_size, mean, std, train=True), seed, views)
+    splits.train.set_transform(train_transform)
+    plain = ImageTransform(build_transform(augment, image_size, mean, std, train=False))
+    for ds in (splits.val, splits.test):
+        if ds is not None:
+            ds.set_transform(plain)
+    return train_transform

@@ -1,0 +1,144 @@
+"""Backbones that map an image to an embedding, and the Matryoshka classification heads on its prefixes."""
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from mrl import UserError
+
+BACKBONES = ("cnn4", "cnn4_bn", "resnet18", "resnet34", "resnet50")
+
+
+class CNN4(nn.Module):
+    """The blog's feature extractor: four conv + max-pool stages, flatten, one linear layer to 1024 dims.
+
+    The blog's network has no nonlinearity anywhere, so as a function of the image it is linear up to the
+    max-pools. `batchnorm=True` (model name `cnn4_bn`) adds BatchNorm + ReLU after every conv, which is what
+    most readers assume the blog's network has.
+    """
+
+    # (out_channels, kernel, max-pool) per stage, from the blog: 256x256 -> 81 -> 25 -> 11 -> 4 (x512 = 8192).
+    STAGES = ((256, 12, 3), (512, 5, 3), (512, 3, 2), (512, 3, 2))
+
+    def __init__(self, image_size=256, embed_dim=1024, batchnorm=False):
+        super().__init__()
+        layers, channels, side = [], 3, image_size
+        for out_channels, kernel, pool in self.STAGES:
+            layers.append(nn.Conv2d(channels, out_channels, kernel, bias=not batchnorm))
+            if batchnorm:
+                layers += [nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool2d(pool))
+            channels, side = out_channels, (side - kernel + 1) // pool
+            if side < 1:
+                raise UserError(f"cnn4 needs images of at least {CNN4.min_image_size()} px, got --image_size {image_size}")
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.fc = nn.Linear(channels * side * side, embed_dim)
+        self.embed_dim = embed_dim
+
+    @classmethod
+    def min_image_size(cls):
+        side = 1
+        for _, kernel, pool in reversed(cls.STAGES):
+            side = side * pool + kernel - 1
+        return side
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+class ResNet(nn.Module):
+    """A torchvision ResNet without its classifier; the embedding is the pooled last stage (512 or 2048 dims).
+
+    `cifar_stem` swaps the 7x7 stride-2 conv and the max-pool for one 3x3 stride-1 conv, the usual change for
+    32x32 images, which the ImageNet stem would shrink to 8x8 before the first residual stage.
+    """
+
+    def __init__(self, name="resnet18", cifar_stem=False):
+        super().__init__()
+        net = getattr(torchvision.models, name)(weights=None)
+        if cifar_stem:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        self.embed_dim, self.cifar_stem = net.fc.in_features, cifar_stem
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def build_backbone(name, image_size, cifar_stem=None):
+    """The backbone called `name` for square images of side `image_size`.
+
+    `cifar_stem=None` picks the CIFAR stem automatically for images under 64 px (ResNets only).
+    """
+    if name not in BACKBONES:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}")
+    if name.startswith("cnn4"):
+        return CNN4(image_size=image_size, batchnorm=name == "cnn4_bn")
+    if cifar_stem is None:
+        cifar_stem = image_size < 64
+    return ResNet(name, cifar_stem=cifar_stem)
+
+
+def check_dims(dims, embed_dim):
+    """Sorted, de-duplicated prefix dims, validated against the embedding width."""
+    dims = sorted(set(int(d) for d in dims))
+    if not dims:
+        raise UserError("--dims is empty: give at least one prefix size")
+    if dims[0] < 1 or dims[-1] > embed_dim:
+        raise UserError(f"--dims must lie in 1..{embed_dim} (the backbone's embedding dim), got {dims}")
+    if dims[-1] != embed_dim:
+        warnings.warn(f"the largest Matryoshka dim {dims[-1]} is below the embedding dim {embed_dim}: "
+                      f"dims {dims[-1] + 1}..{embed_dim} get no training signal", stacklevel=2)
+    return dims
+
+
+def default_dims(embed_dim, smallest=8):
+    """Powers of two from `smallest` up to the embedding dim, which is always included."""
+    dims, d = [], smallest
+    while d < embed_dim:
+        dims.append(d)
+        d *= 2
+    return dims + [embed_dim]
+
+
+class MatryoshkaHeads(nn.Module):
+    """One linear classifier per prefix `z[:, :d]` of the embedding, for every d in `dims`.
+
+    `tied=False` gives each dim its own weights (the blog and the MRL paper's default). `tied=True` is MRL-E:
+    one weight matrix W and bias b, and the head for d uses the first d columns of W. Its logits are computed
+    from one full-width product: the embedding is cut at the dims into chunks, each chunk is multiplied by its
+    slice of W, and a cumulative sum over chunks gives every prefix's logits.
+
+    forward returns logits of shape (len(dims), batch, num_classes).
+    """
+
+    def __init__(self, dims, num_classes, tied=False):
+        super().__init__()
+        self.dims, self.num_classes, self.tied = list(dims), num_classes, tied
+        if tied:
+            self.classifier = nn.Linear(self.dims[-1], num_classes)
+        else:
+            self.classifiers = nn.ModuleList(nn.Linear(d, num_classes) for d in self.dims)
+
+    def forward(self, z):
+        if not self.tied:
+            return torch.stack([head(z[:, :d]) for d, head in zip(self.dims, self.classifiers)])
+        w, starts = self.classifier.weight, [0] + self.dims[:-1]
+        partial = torch.stack([z[:, a:b] @ w[:, a:b].T for a, b in zip(starts, self.dims)])
+        return partial.cumsum(0) + self.classifier.bias
+
+
+class MatryoshkaClassifier(nn.Module):
+    """Backbone + Matryoshka heads. forward returns (embedding, per-head logits)."""
+
+    def __init__(self, backbone, heads):
+        super().__init__()
+        self.backbone, self.heads = backbone, heads
+
+    def forward(self, x):
+        z = self.backbone(x)
+        return z, self.heads(z)

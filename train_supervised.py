@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Supervised Matryoshka Representation Learning with Hugging Face Accelerate.
+
+A backbone maps an image to an embedding z. One linear classifier per prefix z[:, :d], d in --dims, is trained on
+the sum of their cross-entropies, so that every prefix of z is a useful representation on its own. --baseline
+trains the usual single classifier on the full z instead; --tied shares one weight matrix among the heads (MRL-E).
+
+examples:
+  accelerate launch train_supervised.py         # the blog: cats_vs_dogs, 4-conv CNN, heads 8..1024, 15 epochs
+  accelerate launch train_supervised.py --baseline
+  accelerate launch --config_file accelerate_configs/cpu.yaml train_supervised.py --dataset digits \\
+      --epochs 8 --batch_size 32 --grad_accum_steps 1 --lr 2e-3
+  accelerate launch train_supervised.py --dataset cifar10 --model resnet18 --tied
+"""
+
+import argparse
+import json
+import math
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from mrl import UserError, cli, plots
+from mrl.checkpoint import TrainState, resolve_checkpoint, save_checkpoint, save_model
+from mrl.data import Collate, attach_transforms, get_preset, load_splits
+from mrl.losses import dim_weights, per_head_cross_entropy
+from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
+from mrl.schedules import exponential_schedule
+from mrl.tracking import init_tracking, log_image_files, log_per_dim_table
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("train_supervised.py", description=__doc__, formatter_class=cli.HelpFormatter)
+    cli.add_data_args(parser, default_dataset="cats_vs_dogs")
+    cli.add_model_args(parser)
+    group = parser.add_argument_group("Matryoshka heads")
+    group.add_argument("--baseline", action="store_true",
+                       help="train one classifier on the full embedding instead of the nested heads (the blog's baseline)")
+    group.add_argument("--tied", action="store_true",
+                       help="MRL-E: all heads share one weight matrix, the head for d using its first d columns")
+    group.add_argument("--dim_weights", default="uniform",
+                       help="loss weight per dim: 'uniform' (the blog and the paper) or comma-separated numbers")
+    group = parser.add_argument_group("optimization (defaults: the blog's)")
+    group.add_argument("--batch_size", type=int, default=8,
+                       help="images per forward pass, summed over all processes (split evenly among them)")
+    group.add_argument("--grad_accum_steps", type=int, default=4, help="forward passes per optimizer step")
+    group.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate")
+    group.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (torch's default, as the blog)")
+    group.add_argument("--lr_gamma", type=float, default=0.85, help="learning rate x gamma after every epoch (ExponentialLR)")
+    group.add_argument("--max_grad_norm", type=float, default=1.0,
+                       help="clip the gradient norm at every optimizer step (0: off). The blog clipped at 1.0, but on "
+                            "every micro-batch; here it is clipped once per accumulated step")
+    cli.add_run_args(parser, default_epochs=15)
+    return parser
+
+
+def main(args):
+    preset = get_preset(args.dataset)
+    args.model = args.model or preset.model
+    args.image_size = args.image_size or preset.image_size
+    cli.resolve_run_args(args, "supervised_baseline" if args.baseline else "supervised")
+
+    # split_batches: --batch_size is the global batch, so a run means the same thing on 1 or 8 processes.
+    # The seedable sampler makes each epoch's order a function of (seed, epoch), which exact resume relies on.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.grad_accum_steps,
+        log_with="wandb" if args.report_to == "wandb" else None,
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed))
+    if args.batch_size % accelerator.num_processes:
+        raise UserError(f"--batch_size {args.batch_size} cannot be split evenly over {accelerator.num_processes} processes")
+    set_seed(args.seed)
+    resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    cli.check_output_dir(args, resuming=resume is not None, is_main=accelerator.is_main_process)
+
+    # ---- data: train / validation / test, decoded and augmented lazily in the DataLoader workers
+    with accelerator.main_process_first():
+        splits = load_splits(args.dataset, args.dataset_path, seed=args.seed, val_fraction=args.val_fraction,
+                             test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
+                             max_eval_samples=args.max_eval_samples, min_image_size=args.min_image_size)
+    train_transform = attach_transforms(splits, preset.augment, args.image_size, preset.mean, preset.std, args.seed)
+    eval_batch_size = args.batch_size * args.grad_accum_steps  # no activations kept for backward: bigger batches fit
+    loader = lambda ds, batch_size, shuffle, keep_shape: torch.utils.data.DataLoader(  # noqa: E731
+        ds, batch_size=batch_size, shuffle=shuffle, num_workers=args.num_workers, collate_fn=Collate(keep_shape),
+        pin_memory=torch.cuda.is_available())
+    train_loader = loader(splits.train, args.batch_size, True, False)
+    val_loader = loader(splits.val, eval_batch_size, False, True)
+    test_loader = loader(splits.test, eval_batch_size, False, True) if splits.test is not None else None
+
+    # ---- model: backbone + one linear head per prefix dim (a single full-width head for the baseline)
+    cifar_stem = {"auto": None, "on": True, "off": False}[args.cifar_stem]
+    backbone = build_backbone(args.model, args.image_size, cifar_stem)
+    if args.baseline:
+        dims = [backbone.embed_dim]
+    else:
+        dims = check_dims(cli.flat_dims(args.dims) or default_dims(backbone.embed_dim), backbone.embed_dim)
+    model = MatryoshkaClassifier(backbone, MatryoshkaHeads(dims, len(splits.class_names), tied=args.tied))
+    loss_weights = torch.tensor(dim_weights(dims, args.dim_weights))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    test_loader = accelerator.prepare(test_loader) if test_loader is not None else None
+    loss_weights = loss_weights.to(accelerator.device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    # The learning rate of every optimizer step, precomputed; an epoch ends with a step even when its last
+    # accumulation group is incomplete.
+    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+    lr_schedule = exponential_schedule(args.lr, args.lr_gamma, args.epochs, steps_per_epoch)
+    if resume:
+        accelerator.load_state(resume)
+        accelerator.print(f"resumed from {resume}: epoch {state.epoch}, step {state.step}, batch {state.batch_in_epoch}")
+    config = model_config(args, backbone, dims, splits, preset)
+    init_tracking(accelerator, args, state, {**vars(args), "dims": dims})
+    accelerator.print(
+        f"{args.dataset}: {len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test) if splits.test is not None else 0} test images, {len(splits.class_names)} classes"
+        + (f" ({splits.dropped} dropped: under {args.min_image_size or preset.min_image_size} px or unreadable)"
+           if splits.dropped else "")
+        + f"\n{args.model}: embedding {backbone.embed_dim}, heads at dims {dims}"
+        + f"{' (MRL-E, tied)' if args.tied else ''}, {sum(p.numel() for p in model.parameters()):,} parameters"
+        + f"\n{args.epochs} epochs x {steps_per_epoch} optimizer steps, {accelerator.num_processes} process(es), "
+        + f"mixed precision: {accelerator.mixed_precision}, output: {args.output_dir}")
+
+    # ---- train
+    for epoch in range(state.epoch, args.epochs):
+        train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, dims, loss_weights,
+                        lr_schedule, state, epoch)
+        val = evaluate(accelerator, model, val_loader, dims)
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+        state.history.append({"epoch": epoch + 1, "step": state.step, "val_accuracy": val["accuracy"],
+                              "val_loss": val["loss"]})
+        accelerator.log({"epoch": epoch + 1, "val/loss": sum(val["loss"]),
+                         **{f"val/accuracy_d{d}": a for d, a in zip(dims, val["accuracy"])},
+                         **{f"val/loss_d{d}": l for d, l in zip(dims, val["loss"])}}, step=state.step)
+        accelerator.print(f"epoch {epoch + 1}: val accuracy " + "  ".join(
+            f"d{d} {a:.3f}" for d, a in zip(dims, val["accuracy"])))
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
+
+    # ---- final evaluation, model and reports
+    val = evaluate(accelerator, model, val_loader, dims, keep_embeddings=2000)
+    test = evaluate(accelerator, model, test_loader, dims) if test_loader is not None else None
+    save_model(accelerator, model, args.output_dir, config)
+    if accelerator.is_main_process:
+        write_reports(args, accelerator, dims, val, test, state, splits.class_names)
+    accelerator.end_training()
+
+
+def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, dims, loss_weights,
+                    lr_schedule, state, epoch):
+    model.train()
+    train_transform.epoch = epoch  # per-sample augmentation seeds depend on the epoch (read when workers start)
+    train_loader.set_epoch(epoch)
+    # After a mid-epoch resume, skip the batches this epoch already consumed -- for this epoch only.
+    batches = accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader
+    progress = tqdm(total=len(train_loader), initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    group_losses, skipped = [], torch.zeros((), device=accelerator.device)
+    for batch in batches:
+        skipped += batch["skipped"]
+        if batch["labels"].numel() == 0:  # every image of this batch was unreadable
+            state.batch_in_epoch += 1
+            continue
+        with accelerator.accumulate(model):
+            _, logits = model(batch["pixel_values"])
+            per_dim = per_head_cross_entropy(logits, batch["labels"])
+            loss = (loss_weights * per_dim).sum()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_schedule[state.step]
+                if args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        group_losses.append(per_dim.detach())
+        state.batch_in_epoch += 1
+        progress.update(1)
+        if not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        if state.step % args.log_every == 0:
+            per_dim_mean = accelerator.reduce(torch.stack(group_losses).mean(0), "mean")
+            total = (loss_weights * per_dim_mean).sum().item()
+            progress.set_postfix(loss=f"{total:.4f}", lr=f"{lr_schedule[state.step - 1]:.2e}")
+            accelerator.log({"train/loss": total, "train/lr": lr_schedule[state.step - 1],
+                             "epoch": epoch + state.batch_in_epoch / len(train_loader),
+                             **{f"train/loss_d{d}": l for d, l in zip(dims, per_dim_mean.tolist())}},
+                            step=state.step)
+        group_losses = []
+        if args.checkpointing_steps != "epoch" and state.step % int(args.checkpointing_steps) == 0:
+            save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
+    progress.close()
+    skipped = int(accelerator.reduce(skipped, "sum").item())
+    if skipped:
+        accelerator.print(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
+        accelerator.log({"data/skipped_images": skipped}, step=state.step)
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, dims, keep_embeddings=0):
+    """Per-head accuracy and mean cross-entropy over the whole split, gathered from every process.
+
+    `keep_embeddings` > 0 also returns the first that many embeddings and labels (for the PCA plot).
+    """
+    model.eval()
+    logits_all, labels_all, embeddings = [], [], []
+    for batch in loader:
+        z, logits = model(batch["pixel_values"])
+        # gather_for_metrics concatenates along the batch dim and drops the samples the last batch repeated
+        logits, labels, z = accelerator.gather_for_metrics((logits.transpose(0, 1).float(), batch["labels"], z.float()))
+        logits_all.append(logits.cpu())
+        labels_all.append(labels.cpu())
+        if sum(len(e) for e in embeddings) < keep_embeddings:
+            embeddings.append(z.cpu())
+    logits, labels = torch.cat(logits_all), torch.cat(labels_all)
+    valid = labels >= 0  # unreadable images were masked with label -1
+    logits, labels = logits[valid].transpose(0, 1), labels[valid]
+    result = {"accuracy": (logits.argmax(-1) == labels).float().mean(1).tolist(),
+              "loss": per_head_cross_entropy(logits, labels).tolist(), "n": len(labels)}
+    if keep_embeddings:
+        embeddings = torch.cat(embeddings)
+        kept = valid[:len(embeddings)]
+        result["embeddings"] = embeddings[kept][:keep_embeddings]
+        result["labels"] = torch.cat(labels_all)[:len(embeddings)][kept][:keep_embeddings]
+    return result
+
+
+def model_config(args, backbone, dims, splits, preset):
+    """What evaluate.py needs to rebuild the model and its preprocessing (saved as config.json)."""
+    return {
+        "kind": "supervised",
+        "model": {"backbone": args.model, "embed_dim": backbone.embed_dim,
+                  "cifar_stem": getattr(backbone, "cifar_stem", None)},
+        "heads": {"dims": dims, "num_classes": len(splits.class_names), "tied": args.tied, "baseline": args.baseline,
+                  "class_names": splits.class_names},
+        "data": {"dataset": args.dataset, "dataset_path": args.dataset_path, "image_size": args.image_size,
+                 "mean": list(preset.mean), "std": list(preset.std), "augment": preset.augment, "seed": args.seed,
+                 "val_fraction": args.val_fraction, "test_fraction": args.test_fraction},
+        "args": vars(args),
+    }
+
+
+def write_reports(args, accelerator, dims, val, test, state, class_names):
+    """metrics.json, the per-dim table on stdout and in W&B, and the plots (PNG files, also sent to W&B)."""
+    metrics = {"protocol": "each Matryoshka head's own prediction (no probe)", "dims": dims,
+               "val": {k: val[k] for k in ("accuracy", "loss", "n")},
+               "test": {k: test[k] for k in ("accuracy", "loss", "n")} if test else None,
+               "history": state.history, "steps": state.step}
+    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+
+    columns = {"val_accuracy": val["accuracy"]} | ({"test_accuracy": test["accuracy"]} if test else {})
+    label = "baseline" if args.baseline else "MRL-E" if args.tied else "MRL"
+    print(f"\n{label} heads ({args.model} on {args.dataset}), accuracy per dim:")
+    print("  dim  " + "  ".join(f"{c:>13}" for c in columns))
+    for i, d in enumerate(dims):
+        print(f"{d:>5}  " + "  ".join(f"{columns[c][i]:>13.4f}" for c in columns))
+    print(f"saved {os.path.join(args.output_dir, 'model.safetensors')} and metrics.json")
+    log_per_dim_table(accelerator, "accuracy_per_dim", dims, columns, step=state.step)
+
+    plot_dims = sorted({dims[0], dims[len(dims) // 3], dims[2 * len(dims) // 3], dims[-1]})
+    images = {"embeddings/pca": plots.pca_scatter(val["embeddings"], val["labels"], plot_dims, class_names,
+                                                  os.path.join(args.output_dir, "pca_val.png"),
+                                                  title=f"validation embeddings, {label}")}
+    if len(dims) > 1:
+        curves = {f"{name} ({label})": (dims, values) for name, values in columns.items()}
+        images["accuracy_vs_dim"] = plots.accuracy_vs_dim(curves, os.path.join(args.output_dir, "accuracy_vs_dim.png"))
+    log_image_files(accelerator, images, step=state.step)
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser().parse_args())
