@@ -172,7 +172,7 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_schedule[state.step]
+                    group["lr"] = float(lr_schedule[state.step])  # a numpy scalar would not reload (weights_only)
                 if args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()

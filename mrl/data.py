@@ -23,6 +23,7 @@ HALF = (0.5, 0.5, 0.5)  # the blog's normalization: [0, 1] -> [-1, 1]
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+STL10_STATS = ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713))
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ PRESETS = {
     "cats_vs_dogs": Preset("microsoft/cats_vs_dogs", 256, HALF, HALF, "blog", "cnn4", min_image_size=100),
     "cifar10": Preset("uoft-cs/cifar10", 32, *CIFAR10_STATS, "crop_flip", "resnet18"),
     "cifar100": Preset("uoft-cs/cifar100", 32, *CIFAR100_STATS, "crop_flip", "resnet18", label_column="fine_label"),
+    # STL-10 at 96x96: 5k labeled train and 8k test images, plus the 100k-image `unlabeled` split (Splits.unlabeled)
+    # that self-supervised pre-training adds to train.
+    "stl10": Preset("jxie/stl10", 96, *STL10_STATS, "crop_flip", "resnet18"),
     # scikit-learn's 8x8 handwritten digits, shipped inside the package: offline, for quick runs and tests.
     # Flips would turn digits into other shapes, so only shifts.
     "digits": Preset(None, 16, HALF, HALF, "crop", "resnet18"),
@@ -53,6 +57,8 @@ PRESETS = {
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 IMAGE_COLUMNS = ("image", "img")
 VALIDATION_SPLITS = ("validation", "valid", "val")
+UNLABELED_SPLIT = "unlabeled"
+UNLABELED_INDEX_OFFSET = 10**9  # unlabeled rows' `index` (augmentation seed) never collides with a train row's
 
 
 @dataclass
@@ -62,6 +68,7 @@ class Splits:
     test: datasets.Dataset | None  # None when --test_fraction 0 and the source has no test split (the blog)
     class_names: list
     dropped: int = 0  # rows removed by the minimum-size filter (corrupt images included)
+    unlabeled: datasets.Dataset | None = None  # a source's `unlabeled` split (STL-10), label -1; for pre-training only
 
 
 def load_splits(name, path=None, *, seed=0, val_fraction=0.1, test_fraction=0.1, max_train_samples=None,
@@ -73,6 +80,7 @@ def load_splits(name, path=None, *, seed=0, val_fraction=0.1, test_fraction=0.1,
     """
     preset = get_preset(name)
     raw = _load_raw(name, preset, path)
+    unlabeled = raw.pop(UNLABELED_SPLIT, None)
     raw = {split: _normalize_columns(ds, preset.label_column, split) for split, ds in raw.items()}
     if "train" not in raw:
         raise UserError(f"dataset {path or name} has no 'train' split (it has: {', '.join(raw)})")
@@ -99,7 +107,11 @@ def load_splits(name, path=None, *, seed=0, val_fraction=0.1, test_fraction=0.1,
         test = test.select(range(min(max_eval_samples, len(test)))) if test is not None else None
     if len(train) == 0 or len(val) == 0:
         raise UserError(f"dataset {path or name} has too few usable images ({len(train)} train, {len(val)} val)")
-    return Splits(train, val, test, train.features["label"].names, dropped)
+    if unlabeled is not None:
+        unlabeled = _unlabeled_columns(unlabeled, train.features["label"])
+        if max_train_samples:
+            unlabeled = unlabeled.shuffle(seed=seed).select(range(min(max_train_samples, len(unlabeled))))
+    return Splits(train, val, test, train.features["label"].names, dropped, unlabeled)
 
 
 def get_preset(name):
@@ -169,12 +181,25 @@ def _normalize_columns(ds, preferred_label, split):
     label_col = next((c for c in label_candidates if c in columns), None)
     label_col = label_col or next((c for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
     if image_col is None or label_col is None:
-        missing = "an image column" if image_col is None else "a label column"
+        missing = "image column" if image_col is None else "label column (label, labels, fine_label or a ClassLabel)"
         raise UserError(f"the {split} split has no {missing} (columns: {', '.join(columns)})")
     ds = ds.select_columns([image_col, label_col])
     ds = ds.rename_columns({c: n for c, n in ((image_col, "image"), (label_col, "label")) if c != n})
     ds = ds.cast_column("image", datasets.Image(decode=False))
     return ds.add_column("index", np.arange(len(ds)))
+
+
+def _unlabeled_columns(ds, label_feature):
+    """An `unlabeled` split as columns image, label (-1: none, typed as train's ClassLabel so that the two concatenate)
+    and index (offset past any train index)."""
+    image_col = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    image_col = image_col or next((c for c in IMAGE_COLUMNS if c in ds.column_names), None)
+    if image_col is None:
+        raise UserError(f"the {UNLABELED_SPLIT} split has no image column (columns: {', '.join(ds.column_names)})")
+    ds = ds.select_columns([image_col]).cast_column(image_col, datasets.Image(decode=False))
+    ds = ds.rename_columns({image_col: "image"}) if image_col != "image" else ds
+    ds = ds.add_column("label", np.full(len(ds), -1, dtype=np.int64), feature=label_feature)
+    return ds.add_column("index", np.arange(len(ds), dtype=np.int64) + UNLABELED_INDEX_OFFSET)
 
 
 def _unify_labels(splits):
@@ -230,7 +255,11 @@ def _at_least(min_size):
 def build_transform(augment, image_size, mean, std, train):
     """PIL image -> normalized tensor. `augment` names the train-time augmentation; eval is deterministic."""
     size = (image_size, image_size)
-    if augment == "resized_crop_flip":
+    if augment == "ssl":  # the self-supervised two-view recipe (mrl.augment; one view per call), eval: resize
+        from mrl.augment import ssl_augmentation
+
+        steps = [ssl_augmentation(image_size)] if train else [T.Resize(size)]
+    elif augment == "resized_crop_flip":
         steps = ([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if train
                  else [T.Resize(round(image_size / 0.875)), T.CenterCrop(size)])
     else:
@@ -301,9 +330,14 @@ class Collate:
                 "skipped": torch.tensor(sum(bad))}
 
 
-def attach_transforms(splits, augment, image_size, mean, std, seed, views=1):
-    """set_transform on every split (train augmented and seeded, val/test plain); returns the train transform."""
-    train_transform = ImageTransform(build_transform(augment, image_size, mean, std, train=True), seed, views)
+def attach_transforms(splits, augment, image_size, mean, std, seed, views=1, train_transform=None):
+    """set_transform on every split (train augmented and seeded, val/test plain); returns the train transform.
+
+    `train_transform`, when given, is the per-image train transform to use instead of build_transform's for
+    `augment` (e.g. the SSL recipe at another strength); val/test still get `augment`'s eval transform.
+    """
+    train_transform = ImageTransform(train_transform or build_transform(augment, image_size, mean, std, train=True),
+                                     seed, views)
     splits.train.set_transform(train_transform)
     plain = ImageTransform(build_transform(augment, image_size, mean, std, train=False))
     for ds in (splits.val, splits.test):

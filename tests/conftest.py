@@ -1,0 +1,36 @@
+"""Shared test helpers: run the real scripts in a subprocess, on real tiny data, offline."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"  # real CIFAR-10 in the Hub's parquet layout (read-only)
+
+# A fast supervised run on scikit-learn's embedded digits: ResNet-18 with the CIFAR stem at 8x8 px.
+DIGITS_FAST = ["--dataset", "digits", "--image_size", "8", "--batch_size", "32", "--grad_accum_steps", "1",
+               "--lr", "2e-3", "--num_workers", "0"]
+
+
+def run_script(script, *args, tmp_path, wandb=False, check=True, timeout=600):
+    """Run a top-level script as a user would; W&B offline into tmp_path/wandb when asked, otherwise off."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    env.pop("WANDB_MODE", None)
+    if wandb:
+        env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"), WANDB_SILENT="true")
+        os.makedirs(env["WANDB_DIR"], exist_ok=True)
+    args = [str(a) for a in args] + ([] if wandb or "--report_to" in args else ["--report_to", "none"])
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, text=True,
+                            capture_output=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture
+def cifar10_path():
+    assert CIFAR10.is_dir(), f"the CIFAR-10 copy is expected at {CIFAR10}"
+    return str(CIFAR10)

@@ -1,0 +1,130 @@
+"""End to end: train_supervised.py on real data (scikit-learn's digits), as a user runs it."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DIGITS_FAST, run_script
+from mrl.checkpoint import load_model
+from mrl.data import Collate, attach_transforms, load_splits
+from wandb_history import history, run_dirs
+
+DIMS = [8, 16, 32, 64, 128, 256, 512]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two epochs with accumulation 2 and a checkpoint every 7 optimizer steps, logged to offline W&B."""
+    tmp = tmp_path_factory.mktemp("run")
+    result = run_script("train_supervised.py", *DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2,
+                        "--checkpointing_steps", 7, "--checkpoints_total_limit", 10, "--log_every", 1,
+                        "--output_dir", tmp / "out", tmp_path=tmp, wandb=True)
+    return tmp, result
+
+
+def test_accuracy_rises_far_above_chance_for_every_head(trained):
+    tmp, result = trained
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    assert metrics["dims"] == DIMS and len(metrics["history"]) == 2
+    assert min(metrics["val"]["accuracy"]) > 0.6 and min(metrics["test"]["accuracy"]) > 0.6  # chance: 0.1
+    first, last = metrics["history"]
+    assert sum(last["val_loss"]) < sum(first["val_loss"])
+    # The per-dim table is printed, one row per dim.
+    table = result.stdout[result.stdout.index("accuracy per dim"):].splitlines()[2:2 + len(DIMS)]
+    assert [int(row.split()[0]) for row in table] == DIMS
+    for name in ("model.safetensors", "config.json", "pca_val.png", "accuracy_vs_dim.png"):
+        assert (tmp / "out" / name).stat().st_size > 1000
+
+
+def test_saved_model_and_config_reproduce_the_reported_test_accuracy(trained):
+    tmp, _ = trained
+    backbone, heads, config = load_model(tmp / "out")
+    data = config["data"]
+    splits = load_splits(data["dataset"], seed=data["seed"], val_fraction=data["val_fraction"],
+                         test_fraction=data["test_fraction"])
+    attach_transforms(splits, data["augment"], data["image_size"], data["mean"], data["std"], seed=0)
+    batch = Collate(keep_shape=True)([splits.test[i] for i in range(len(splits.test))])
+    with torch.no_grad():
+        accuracy = (heads(backbone(batch["pixel_values"])).argmax(-1) == batch["labels"]).float().mean(1)
+    reported = json.loads((tmp / "out" / "metrics.json").read_text())["test"]["accuracy"]
+    np.testing.assert_allclose(accuracy.numpy(), reported, atol=1e-6)
+
+
+def test_wandb_history_has_per_head_accuracy_lr_and_a_monotonic_step(trained):
+    tmp, _ = trained
+    rows = history(run_dirs(tmp / "wandb")[0])
+    steps = [r["_step"] for r in rows]
+    assert steps == sorted(steps)
+    val_rows = [r for r in rows if "val/accuracy_d8" in r]
+    assert [r["epoch"] for r in val_rows] == [1, 2]
+    assert all(f"val/accuracy_d{d}" in r and f"val/loss_d{d}" in r for r in val_rows for d in DIMS)
+    # 45 batches of 32 per epoch, accumulation 2 -> 23 optimizer steps per epoch (the last one with 1 batch).
+    assert [r["_step"] for r in val_rows] == [23, 46]
+    lr = {r["_step"]: r["train/lr"] for r in rows if "train/lr" in r}
+    assert lr[1] == lr[23] == pytest.approx(2e-3) and lr[24] == lr[46] == pytest.approx(2e-3 * 0.85)
+    assert all(f"train/loss_d{d}" in rows[0] for d in DIMS)
+    media = run_dirs(tmp / "wandb")[0] + "/files/media"
+    assert list((tmp / "wandb").glob("wandb/offline-run-*/files/media/table/accuracy_per_dim*.table.json"))
+    assert list((tmp / "wandb").glob("wandb/offline-run-*/files/media/images/embeddings/pca*.png")), media
+
+
+def test_resume_mid_epoch_continues_exactly(trained):
+    """N steps == K steps + resume + (N - K) steps: the same losses, metrics and final weights."""
+    tmp, _ = trained
+    resumed = tmp / "resumed"
+    shutil.copytree(tmp / "out" / "checkpoints" / "step_00000028", resumed / "checkpoints" / "step_00000028")
+    run_script("train_supervised.py", *DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2,
+               "--checkpointing_steps", 7, "--log_every", 1, "--output_dir", resumed,
+               "--resume_from_checkpoint", "latest", tmp_path=tmp / "resumed", wandb=True)
+    full_runs, resumed_runs = run_dirs(tmp / "wandb"), run_dirs(resumed / "wandb")
+    assert resumed_runs[0].split("-")[-1] == full_runs[0].split("-")[-1]  # the same W&B run id continues
+    full = {r["_step"]: r for r in history(full_runs[0]) if "train/loss" in r}
+    again = {r["_step"]: r for r in history(resumed_runs[0]) if "train/loss" in r}
+    assert sorted(again) == list(range(29, 47))
+    for step in again:
+        assert again[step]["train/loss"] == pytest.approx(full[step]["train/loss"], rel=1e-5, abs=1e-6), step
+    original = json.loads((tmp / "out" / "metrics.json").read_text())
+    continued = json.loads((resumed / "metrics.json").read_text())
+    assert continued["history"] == original["history"]
+    a, b = load_file(tmp / "out" / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_baseline_has_one_full_width_head_and_tied_heads_share_weights(tmp_path):
+    common = [*DIGITS_FAST, "--epochs", 1, "--max_train_samples", 320, "--checkpointing_steps", "1000"]
+    run_script("train_supervised.py", *common, "--baseline", "--output_dir", tmp_path / "base", tmp_path=tmp_path)
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["heads"]["dims"] == [512] and config["heads"]["baseline"]
+    run_script("train_supervised.py", *common, "--tied", "--dims", "8,64,512", "--output_dir", tmp_path / "tied",
+               tmp_path=tmp_path)
+    weights = load_file(tmp_path / "tied" / "model.safetensors")
+    assert {k for k in weights if k.startswith("heads.")} == {"heads.classifier.weight", "heads.classifier.bias"}
+    assert json.loads((tmp_path / "tied" / "metrics.json").read_text())["dims"] == [8, 64, 512]
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--dims", "8,1024"], 1, "error: --dims must lie in 1..512"),
+    (["--dataset", "mnist"], 2, "invalid choice: 'mnist'"),
+    (["--model", "vit"], 2, "invalid choice: 'vit'"),
+    (["--dims", "8,x"], 2, "dims must be integers"),
+    (["--dataset", "custom"], 1, "error: --dataset custom needs --dataset_path"),
+    (["--dataset_path", "/nonexistent/data"], 1, "error: --dataset_path /nonexistent/data does not exist"),
+    (["--checkpointing_steps", "often"], 1, "error: --checkpointing_steps must be 'epoch' or a number"),
+])
+def test_bad_input_gets_one_clear_line(tmp_path, args, code, message):
+    result = run_script("train_supervised.py", *DIGITS_FAST, "--output_dir", tmp_path / "out", *args,
+                        tmp_path=tmp_path, check=False)
+    assert result.returncode == code and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_refuses_to_overwrite_a_finished_run(trained, tmp_path):
+    tmp, _ = trained
+    result = run_script("train_supervised.py", *DIGITS_FAST, "--output_dir", tmp / "out", tmp_path=tmp_path,
+                        check=False)
+    assert result.returncode == 1 and "already holds a run" in result.stderr and "--overwrite" in result.stderr
