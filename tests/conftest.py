@@ -15,9 +15,9 @@ DIGITS_FAST = ["--dataset", "digits", "--image_size", "8", "--batch_size", "32",
                "--lr", "2e-3", "--num_workers", "0"]
 
 
-def run_script(script, *args, tmp_path, wandb=False, check=True, timeout=600):
+def run_script(script, *args, tmp_path, wandb=False, check=True, timeout=600, env=None):
     """Run a top-level script as a user would; W&B offline into tmp_path/wandb when asked, otherwise off."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", **(env or {}))
     env.pop("WANDB_MODE", None)
     if wandb:
         env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"), WANDB_SILENT="true")

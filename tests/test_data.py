@@ -83,13 +83,11 @@ def test_collate_drops_unreadable_images_for_training_and_masks_them_for_evaluat
     assert evaluation["pixel_values"][1].abs().sum() == 0
 
 
-@pytest.fixture
-def image_folder(tmp_path):
+def make_image_folder(root):
     """An image folder with two classes of real digit images, in assorted sizes and modes, and one corrupt file."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    root = tmp_path / "folder"
     for name, digit in (("zero", 0), ("one", 1)):
         (root / name).mkdir(parents=True)
         pixels = [np.uint8(im * 15) for im in digits.images[digits.target == digit][:30]]
@@ -102,6 +100,11 @@ def image_folder(tmp_path):
             image.save(root / name / f"{i}.png")
     (root / "one" / "broken.png").write_bytes(b"\x89PNG this is not a png")
     return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "folder")
 
 
 def test_image_folder_with_min_size_filter(image_folder):

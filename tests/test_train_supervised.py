@@ -8,7 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import re
+
 from conftest import DIGITS_FAST, run_script
+from test_data import make_image_folder
 from mrl.checkpoint import load_model
 from mrl.data import Collate, attach_transforms, load_splits
 from wandb_history import history, run_dirs
@@ -128,3 +131,26 @@ def test_refuses_to_overwrite_a_finished_run(trained, tmp_path):
     result = run_script("train_supervised.py", *DIGITS_FAST, "--output_dir", tmp / "out", tmp_path=tmp_path,
                         check=False)
     assert result.returncode == 1 and "already holds a run" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_unreachable_hub_fails_fast_with_the_blog_defaults(tmp_path):
+    result = run_script("train_supervised.py", "--output_dir", tmp_path / "out", tmp_path=tmp_path, check=False,
+                        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HTTPS_PROXY": "", "https_proxy": "", "ALL_PROXY": ""})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot reach the Hugging Face Hub" in result.stderr and "--dataset_path" in result.stderr
+
+
+def test_image_folder_with_a_corrupt_file_trains_and_accounts_for_it(tmp_path):
+    folder = make_image_folder(tmp_path / "folder")
+    result = run_script("train_supervised.py", "--dataset", "custom", "--dataset_path", folder, "--image_size", 16,
+                        "--batch_size", 8, "--grad_accum_steps", 1, "--epochs", 1, "--num_workers", 0,
+                        "--val_fraction", 0.2, "--test_fraction", 0.2, "--output_dir", tmp_path / "out",
+                        tmp_path=tmp_path)
+    sizes = re.search(r"(\d+) train / (\d+) val / (\d+) test images, 2 classes", result.stdout).groups()
+    train_size, val_size, test_size = map(int, sizes)
+    assert train_size + val_size + test_size == 61
+    skipped = re.search(r"skipped (\d+) unreadable images", result.stdout)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    # The broken file is dropped from training (and counted), or left out of the evaluation of its split.
+    not_evaluated = (val_size - metrics["val"]["n"]) + (test_size - metrics["test"]["n"])
+    assert (int(skipped.group(1)) if skipped else 0) + not_evaluated == 1
