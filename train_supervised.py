@@ -24,8 +24,9 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from mrl import UserError, cli, plots
-from mrl.checkpoint import TrainState, resolve_checkpoint, save_checkpoint, save_model
+from mrl.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
 from mrl.data import Collate, attach_transforms, get_preset, load_splits
+from mrl.guards import LossGuard, Preempted, Preemption
 from mrl.losses import dim_weights, per_head_cross_entropy
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
 from mrl.schedules import exponential_schedule
@@ -72,8 +73,9 @@ def main(args):
     if args.batch_size % accelerator.num_processes:
         raise UserError(f"--batch_size {args.batch_size} cannot be split evenly over {accelerator.num_processes} processes")
     set_seed(args.seed)
-    resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    cli.check_output_dir(args, resuming=resume is not None, is_main=accelerator.is_main_process)
+    preemption = Preemption()
+    resuming = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) is not None
+    cli.check_output_dir(args, resuming=resuming, is_main=accelerator.is_main_process)
 
     # ---- data: train / validation / test, decoded and augmented lazily in the DataLoader workers
     with accelerator.main_process_first():
@@ -110,9 +112,9 @@ def main(args):
     # accumulation group is incomplete.
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     lr_schedule = exponential_schedule(args.lr, args.lr_gamma, args.epochs, steps_per_epoch)
-    if resume:
-        accelerator.load_state(resume)
-        accelerator.print(f"resumed from {resume}: epoch {state.epoch}, step {state.step}, batch {state.batch_in_epoch}")
+    resumed = load_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if resumed:
+        accelerator.print(f"resumed from {resumed}: epoch {state.epoch}, step {state.step}, batch {state.batch_in_epoch}")
     config = model_config(args, backbone, dims, splits, preset)
     init_tracking(accelerator, args, state, {**vars(args), "dims": dims})
     accelerator.print(
@@ -128,7 +130,7 @@ def main(args):
     # ---- train
     for epoch in range(state.epoch, args.epochs):
         train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, dims, loss_weights,
-                        lr_schedule, state, epoch)
+                        lr_schedule, state, epoch, preemption)
         val = evaluate(accelerator, model, val_loader, dims)
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         state.history.append({"epoch": epoch + 1, "step": state.step, "val_accuracy": val["accuracy"],
@@ -151,7 +153,7 @@ def main(args):
 
 
 def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, dims, loss_weights,
-                    lr_schedule, state, epoch):
+                    lr_schedule, state, epoch, preemption):
     model.train()
     train_transform.epoch = epoch  # per-sample augmentation seeds depend on the epoch (read when workers start)
     train_loader.set_epoch(epoch)
@@ -160,6 +162,7 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
     progress = tqdm(total=len(train_loader), initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     group_losses, skipped = [], torch.zeros((), device=accelerator.device)
+    guard = LossGuard(accelerator.device)
     for batch in batches:
         skipped += batch["skipped"]
         if batch["labels"].numel() == 0:  # every image of this batch was unreadable
@@ -169,6 +172,7 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
             _, logits = model(batch["pixel_values"])
             per_dim = per_head_cross_entropy(logits, batch["labels"])
             loss = (loss_weights * per_dim).sum()
+            guard.update(loss, state.step + 1)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 for group in optimizer.param_groups:
@@ -183,18 +187,28 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
         if not accelerator.sync_gradients:
             continue
         state.step += 1
+        state.skipped_steps += accelerator.optimizer_step_was_skipped  # fp16: the grad scaler skipped this step
         if state.step % args.log_every == 0:
+            guard.check(accelerator)
             per_dim_mean = accelerator.reduce(torch.stack(group_losses).mean(0), "mean")
             total = (loss_weights * per_dim_mean).sum().item()
             progress.set_postfix(loss=f"{total:.4f}", lr=f"{lr_schedule[state.step - 1]:.2e}")
             accelerator.log({"train/loss": total, "train/lr": lr_schedule[state.step - 1],
+                             "train/skipped_steps": state.skipped_steps,
                              "epoch": epoch + state.batch_in_epoch / len(train_loader),
                              **{f"train/loss_d{d}": l for d, l in zip(dims, per_dim_mean.tolist())}},
                             step=state.step)
         group_losses = []
-        if args.checkpointing_steps != "epoch" and state.step % int(args.checkpointing_steps) == 0:
-            save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
+        stop = preemption.requested(accelerator)
+        if stop or (args.checkpointing_steps != "epoch" and state.step % int(args.checkpointing_steps) == 0):
+            guard.check(accelerator)
+            path = save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
+        if stop:
+            accelerator.end_training()
+            raise Preempted(f"saved {path} at step {state.step}; relaunch the same command with "
+                            "--resume_from_checkpoint latest to continue")
     progress.close()
+    guard.check(accelerator)
     skipped = int(accelerator.reduce(skipped, "sum").item())
     if skipped:
         accelerator.print(f"epoch {epoch + 1}: skipped {skipped} unreadable images")

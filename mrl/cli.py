@@ -11,6 +11,7 @@ import sys
 
 from mrl import UserError
 from mrl.data import PRESETS
+from mrl.guards import PREEMPTED_EXIT_CODE, Preempted
 from mrl.models import BACKBONES
 
 
@@ -131,8 +132,12 @@ def check_output_dir(args, resuming, is_main):
 
 
 def run(main, args):
-    """Call main(args); a UserError becomes one line on stderr and exit status 1, not a traceback."""
+    """Call main(args); a UserError becomes one line on stderr and exit status 1, not a traceback, and a
+    preempted run exits with PREEMPTED_EXIT_CODE after its checkpoint is saved."""
     try:
         main(args)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)

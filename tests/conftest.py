@@ -34,3 +34,14 @@ def run_script(script, *args, tmp_path, wandb=False, check=True, timeout=600, en
 def cifar10_path():
     assert CIFAR10.is_dir(), f"the CIFAR-10 copy is expected at {CIFAR10}"
     return str(CIFAR10)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One supervised run shared by the tests that inspect or continue it: digits, two epochs with gradient
+    accumulation 2 (23 optimizer steps per epoch), a checkpoint every 7 steps, logged to offline W&B."""
+    tmp = tmp_path_factory.mktemp("run")
+    result = run_script("train_supervised.py", *DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2,
+                        "--checkpointing_steps", 7, "--checkpoints_total_limit", 10, "--log_every", 1,
+                        "--output_dir", tmp / "out", tmp_path=tmp, wandb=True)
+    return tmp, result

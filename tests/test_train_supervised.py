@@ -1,14 +1,13 @@
 """End to end: train_supervised.py on real data (scikit-learn's digits), as a user runs it."""
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import re
 
 from conftest import DIGITS_FAST, run_script
 from test_data import make_image_folder
@@ -17,16 +16,6 @@ from mrl.data import Collate, attach_transforms, load_splits
 from wandb_history import history, run_dirs
 
 DIMS = [8, 16, 32, 64, 128, 256, 512]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Two epochs with accumulation 2 and a checkpoint every 7 optimizer steps, logged to offline W&B."""
-    tmp = tmp_path_factory.mktemp("run")
-    result = run_script("train_supervised.py", *DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2,
-                        "--checkpointing_steps", 7, "--checkpoints_total_limit", 10, "--log_every", 1,
-                        "--output_dir", tmp / "out", tmp_path=tmp, wandb=True)
-    return tmp, result
 
 
 def test_accuracy_rises_far_above_chance_for_every_head(trained):

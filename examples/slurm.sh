@@ -1,0 +1,44 @@
+#!/bin/bash
+# Multi-node training under Slurm with `accelerate launch`: one Slurm task per node, each starting one training
+# process per GPU. Preemption-safe: Slurm signals this batch shell two minutes before the time limit
+# (--signal=B:USR1@120); the shell sends SIGTERM to the job step, srun passes it to every node's `accelerate launch`,
+# which passes it to its training processes; they save a checkpoint at the next optimizer step and exit; the job
+# requeues itself and the next start resumes from that checkpoint (--resume_from_checkpoint latest).
+#
+#   sbatch examples/slurm.sh train_ssl.py --method relic --model resnet50 --output_dir runs/relic_r50
+#
+# Written for this repo's scripts; not tested on a cluster here (the test suite covers the signal handling,
+# the checkpoint and the exact resume on one machine).
+#
+#SBATCH --job-name=mrl
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --output=slurm-%j.out
+
+set -u
+SCRIPT=$1; shift
+GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
+MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+
+preempted=0
+trap 'preempted=1; kill -TERM "$step" 2>/dev/null' USR1
+
+srun --kill-on-bad-exit=0 bash -c "exec accelerate launch \
+    --config_file accelerate_configs/multi_node.yaml \
+    --num_machines $SLURM_NNODES --num_processes $((SLURM_NNODES * GPUS_PER_NODE)) \
+    --machine_rank \$SLURM_NODEID --main_process_ip $MAIN_ADDR --main_process_port 29500 \
+    $SCRIPT $* --resume_from_checkpoint latest" &
+step=$!
+# `wait` returns as soon as the trap runs: keep waiting until the step has really ended.
+while wait "$step"; status=$?; kill -0 "$step" 2>/dev/null; do :; done
+
+if [ "$preempted" -eq 1 ]; then
+    echo "preempted: checkpoint saved, requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"
