@@ -168,20 +168,10 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
         if batch["labels"].numel() == 0:  # every image of this batch was unreadable
             state.batch_in_epoch += 1
             continue
-        with accelerator.accumulate(model):
-            _, logits = model(batch["pixel_values"])
-            per_dim = per_head_cross_entropy(logits, batch["labels"])
-            loss = (loss_weights * per_dim).sum()
-            guard.update(loss, state.step + 1)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                for group in optimizer.param_groups:
-                    group["lr"] = float(lr_schedule[state.step])  # a numpy scalar would not reload (weights_only)
-                if args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-        group_losses.append(per_dim.detach())
+        loss, per_dim = training_step(accelerator, model, optimizer, batch, loss_weights,
+                                      float(lr_schedule[state.step]), args.max_grad_norm)
+        guard.update(loss, state.step + 1)
+        group_losses.append(per_dim)
         state.batch_in_epoch += 1
         progress.update(1)
         if not accelerator.sync_gradients:
@@ -213,6 +203,24 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
     if skipped:
         accelerator.print(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
         accelerator.log({"data/skipped_images": skipped}, step=state.step)
+
+
+def training_step(accelerator, model, optimizer, batch, loss_weights, lr, max_grad_norm):
+    """One forward and backward pass; at the end of an accumulation group, the optimizer steps at `lr` after
+    clipping (once per step, not per micro-batch). Returns the loss and the per-head losses, detached."""
+    with accelerator.accumulate(model):
+        _, logits = model(batch["pixel_values"])
+        per_dim = per_head_cross_entropy(logits, batch["labels"])
+        loss = (loss_weights * per_dim).sum()
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            for group in optimizer.param_groups:
+                group["lr"] = lr  # a Python float: a numpy scalar in the optimizer state would not reload
+            if max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss.detach(), per_dim.detach()
 
 
 @torch.no_grad()
