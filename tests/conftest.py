@@ -1,6 +1,7 @@
 """Shared test helpers: run the real scripts in a subprocess, on real tiny data, offline."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +16,33 @@ DIGITS_FAST = ["--dataset", "digits", "--image_size", "8", "--batch_size", "32",
                "--lr", "2e-3", "--num_workers", "0"]
 
 
-def run_script(script, *args, tmp_path, wandb=False, check=True, timeout=600, env=None):
-    """Run a top-level script as a user would; W&B offline into tmp_path/wandb when asked, otherwise off."""
+def run_script(script, *args, tmp_path, wandb=False, check=True, timeout=600, env=None, processes=1):
+    """Run a top-level script as a user would; W&B offline into tmp_path/wandb when asked, otherwise off.
+
+    `processes` > 1 runs it distributed on the CPU (gloo) with torchrun, which `accelerate launch` uses on GPUs
+    too; Accelerate needs ACCELERATE_USE_CPU to pick the multi-CPU backend.
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", **(env or {}))
     env.pop("WANDB_MODE", None)
     if wandb:
         env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"), WANDB_SILENT="true")
         os.makedirs(env["WANDB_DIR"], exist_ok=True)
     args = [str(a) for a in args] + ([] if wandb or "--report_to" in args else ["--report_to", "none"])
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, text=True,
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", free_port()]
+        env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([*launcher, str(ROOT / script), *args], cwd=tmp_path, env=env, text=True,
                             capture_output=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 @pytest.fixture
