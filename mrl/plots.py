@@ -49,3 +49,46 @@ def accuracy_vs_dim(curves, path, ylabel="accuracy", title="Accuracy against emb
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def adaptive_classification(cascades, fixed, path, title="Adaptive classification (cascade over dims)"):
+    """cascades: {label: (expected_dims, accuracies)}, one point per confidence threshold; fixed: {label: (dims,
+    accuracies)} of always using one dim, drawn dashed for comparison. log2 x-axis."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, (dims, values) in fixed.items():
+        ax.plot(dims, values, linestyle="--", marker=".", alpha=0.7, label=label)
+    for label, (dims, values) in cascades.items():
+        order = sorted(range(len(dims)), key=lambda i: dims[i])
+        ax.plot([dims[i] for i in order], [values[i] for i in order], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("expected dims per sample")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def adaptive_retrieval(points, path, metric, title="Adaptive retrieval: shortlist with d_s, rerank with full d"):
+    """points: {label: [(speedup, value, shortlist_dim)]}; one marker per shortlist dim, annotated with it; the
+    full-dim exact search is the point at speedup 1."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, rows in points.items():
+        rows = sorted(rows)
+        line = ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label=label)[0]
+        for speedup, value, dim in rows:
+            ax.annotate(f"{dim}", (speedup, value), textcoords="offset points", xytext=(3, 3), fontsize=7,
+                        color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("measured speedup over exact full-dim search (x)")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

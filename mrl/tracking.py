@@ -37,3 +37,10 @@ def log_image_files(accelerator, images, step):
     import wandb
 
     accelerator.log({key: wandb.Image(path) for key, path in images.items()}, step=step)
+
+
+def log_summary(accelerator, metrics):
+    """Set W&B summary values (the numbers shown on the run page and in the runs table): {key: number}."""
+    if not (accelerator.is_main_process and accelerator.trackers):
+        return
+    accelerator.get_tracker("wandb", unwrap=True).summary.update(metrics)

@@ -1,0 +1,157 @@
+"""Nearest-neighbour evaluation of embedding prefixes: weighted kNN classification, retrieval metrics, and
+adaptive (funnel) retrieval.
+
+Queries are the evaluation split, the database is the train split, and an item is relevant to a query when it
+has the query's label. Every prefix z[:, :d] is L2-normalized after slicing (`normalized_prefix`), so a dot
+product is the cosine similarity; truncating a normalized vector without renormalizing would shrink every
+similarity and change the kNN vote weights.
+
+Definitions (per query, averaged over queries):
+- kNN top-1 (DINO's eval_knn): the k most similar database items vote for their label with weight
+  exp(similarity / T); the prediction is the label with the largest total.
+- precision@k: relevant items among the top k, divided by k.
+- AP@k (the standard truncated average precision): sum over ranks i <= k of precision@i * rel(i), divided by
+  min(k, R), where R is the number of relevant items in the whole database -- a perfect ranking scores 1.
+  The MRL paper's code (RAIVNLab/MRL retrieval/compute_metrics.py) divides by k instead, so a query with fewer
+  than k relevant items can never reach 1; where every class has at least k database items the two agree.
+  Its variant is reported as `map_mrl`.
+- top-1 retrieval accuracy: the nearest database item has the query's label (= 1-NN accuracy).
+"""
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def normalized_prefix(x, d):
+    """The first d features of each row, L2-normalized (after slicing), as float32."""
+    return F.normalize(x[:, :d].float(), dim=1)
+
+
+def nearest_neighbors(queries, database, k, chunk=1024):
+    """(similarity, index), both (m, k): each query's k most similar database rows, most similar first."""
+    k = min(k, len(database))
+    similarities, indices = [], []
+    for start in range(0, len(queries), chunk):
+        s, i = (queries[start:start + chunk] @ database.T).topk(k, dim=1)
+        similarities.append(s)
+        indices.append(i)
+    return torch.cat(similarities), torch.cat(indices)
+
+
+def knn_predict(similarity, neighbor_labels, num_classes, k=20, temperature=0.07):
+    """Weighted kNN vote over the first k neighbours (DINO's eval_knn): weight exp(similarity / T)."""
+    votes = torch.zeros(len(similarity), num_classes, device=similarity.device)
+    votes.scatter_add_(1, neighbor_labels[:, :k], (similarity[:, :k] / temperature).exp())
+    return votes.argmax(1)
+
+
+def retrieval_metrics(neighbor_labels, query_labels, database_labels, k):
+    """precision@k, mAP@k (standard, divided by min(k, R)), the MRL paper's mAP@k (divided by k) and top-1."""
+    relevant = (neighbor_labels[:, :k] == query_labels[:, None]).float()
+    k = relevant.shape[1]
+    precision_at_rank = relevant.cumsum(1) / torch.arange(1, k + 1, device=relevant.device)
+    summed = (precision_at_rank * relevant).sum(1)
+    counts = torch.bincount(database_labels, minlength=int(query_labels.max()) + 1)
+    n_relevant = counts[query_labels].clamp(max=k).clamp(min=1).float()
+    return {"precision": relevant.mean(1).mean().item(), "map": (summed / n_relevant).mean().item(),
+            "map_mrl": (summed / k).mean().item(), "top1": relevant[:, 0].mean().item()}
+
+
+def neighbor_metrics(train_x, train_y, eval_x, eval_y, dims, num_classes, knn_k=20, temperature=0.07,
+                     retrieval_ks=(10,), device=None):
+    """Per dim: kNN top-1 and, for every k in retrieval_ks, precision@k and mAP@k. One neighbour search per dim."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train_x, train_y, eval_x, eval_y = (t.to(device) for t in (train_x, train_y, eval_x, eval_y))
+    depth = max(knn_k, *retrieval_ks)
+    results = []
+    for d in dims:
+        database, queries = normalized_prefix(train_x, d), normalized_prefix(eval_x, d)
+        similarity, index = nearest_neighbors(queries, database, depth)
+        labels = train_y[index]
+        row = {"dim": d, "knn": (knn_predict(similarity, labels, num_classes, knn_k, temperature) == eval_y)
+               .float().mean().item()}
+        for k in retrieval_ks:
+            metrics = retrieval_metrics(labels, eval_y, train_y, k)
+            row.update({f"precision@{k}": metrics["precision"], f"map@{k}": metrics["map"],
+                        f"map_mrl@{k}": metrics["map_mrl"]})
+        row["top1"] = (labels[:, 0] == eval_y).float().mean().item()
+        results.append(row)
+    return results
+
+
+def funnel_search(queries_small, database_small, queries_large, database_large, shortlist, k, chunk=256,
+                  rerank_chunk=8):
+    """Adaptive retrieval: the `shortlist` nearest by the small prefix, re-ranked by the large one; top-k indices.
+
+    The shortlist comes from one matmul per `chunk` queries; the re-ranking gathers each query's candidates, a
+    few queries at a time so that the gathered rows stay in cache."""
+    shortlist = min(shortlist, len(database_small))
+    k = min(k, shortlist)
+    out = []
+    for start in range(0, len(queries_small), chunk):
+        _, candidates = (queries_small[start:start + chunk] @ database_small.T).topk(shortlist, dim=1)
+        for sub in range(0, len(candidates), rerank_chunk):
+            ids = candidates[sub:sub + rerank_chunk]
+            gathered = database_large.index_select(0, ids.flatten()).view(*ids.shape, -1)
+            query = queries_large[start + sub:start + sub + len(ids), :, None]
+            out.append(ids.gather(1, torch.bmm(gathered, query)[..., 0].topk(k, dim=1).indices))
+    return torch.cat(out)
+
+
+def exact_search(queries, database, k, chunk=256):
+    """Brute-force top-k indices (the full-dim baseline that funnel_search is timed against)."""
+    return nearest_neighbors(queries, database, k, chunk)[1]
+
+
+def adaptive_retrieval(train_x, train_y, eval_x, eval_y, shortlist_dims, rerank_dim, shortlist=200, k=10,
+                       repeats=3, timing_queries=2000, device=None):
+    """Funnel retrieval for each shortlist dim d_s: shortlist with d_s, re-rank with `rerank_dim`.
+
+    Reports its precision@k, mAP@k and top-1 over all queries, and the wall-clock time per query (the median of
+    `repeats` timed runs over the first `timing_queries` queries, after the untimed full run), next to exact
+    brute-force search at `rerank_dim` measured the same way. Normalizing the database prefixes is index
+    building and is not timed; normalizing the queries is.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train_y, eval_y = train_y.to(device), eval_y.to(device)
+    train_x, eval_x = train_x.to(device), eval_x.to(device)
+    database_large = normalized_prefix(train_x, rerank_dim)
+    timed_queries = eval_x[:timing_queries]
+
+    def run(search):
+        """search(queries) on every query (the results), then timed on the timing subset: (results, s/query)."""
+        result = search(eval_x)
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            search(timed_queries)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return result, sorted(times)[len(times) // 2] / len(timed_queries)
+
+    full_index, full_seconds = run(lambda q: exact_search(normalized_prefix(q, rerank_dim), database_large, k))
+    full = retrieval_metrics(train_y[full_index], eval_y, train_y, k)
+    rows = [{"shortlist_dim": rerank_dim, "rerank_dim": rerank_dim, "shortlist": None, "ms_per_query":
+             1000 * full_seconds, "speedup": 1.0, "flops_ratio": 1.0, **_prefixed(full, k)}]
+    n = len(train_x)
+    for d in shortlist_dims:
+        if d >= rerank_dim:
+            continue
+        database_small = normalized_prefix(train_x, d)
+        index, seconds = run(lambda q, d=d, database_small=database_small: funnel_search(
+            normalized_prefix(q, d), database_small, normalized_prefix(q, rerank_dim), database_large, shortlist, k))
+        s = min(shortlist, n)
+        rows.append({"shortlist_dim": d, "rerank_dim": rerank_dim, "shortlist": s, "ms_per_query": 1000 * seconds,
+                     "speedup": full_seconds / seconds, "flops_ratio": (n * rerank_dim) / (n * d + s * rerank_dim),
+                     **_prefixed(retrieval_metrics(train_y[index], eval_y, train_y, k), k)})
+    return rows
+
+
+def _prefixed(metrics, k):
+    return {f"precision@{k}": metrics["precision"], f"map@{k}": metrics["map"], f"map_mrl@{k}": metrics["map_mrl"],
+            "top1": metrics["top1"]}

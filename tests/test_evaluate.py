@@ -1,0 +1,186 @@
+"""evaluate.py end to end on real checkpoints: a supervised run trained here by train_supervised.py, and the same
+backbone saved the way train_ssl.py saves its runs (kind "ssl", no heads)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+import evaluate
+from conftest import DIGITS_FAST, ROOT, run_script
+from mrl import UserError
+from mrl.checkpoint import load_model
+from mrl.data import ImageTransform, build_transform, load_splits
+from mrl.features import extract
+from wandb_history import history, records
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A supervised MRL run (digits at 8 px, one epoch of 4 steps) and an SSL-format copy of its backbone."""
+    tmp = tmp_path_factory.mktemp("eval")
+    run_script("train_supervised.py", *DIGITS_FAST, "--epochs", 1, "--max_train_samples", 256, "--batch_size", 64,
+               "--output_dir", tmp / "sup", tmp_path=tmp)
+    ssl = tmp / "ssl"
+    ssl.mkdir()
+    weights = load_file(tmp / "sup" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k.startswith("backbone.")}, ssl / "model.safetensors")
+    config = json.loads((tmp / "sup" / "config.json").read_text())
+    config.update(kind="ssl", heads=None)
+    config["data"]["augment"] = "ssl"  # train_ssl.py's two-view augmentation name: evaluation must not use it
+    (ssl / "config.json").write_text(json.dumps(config))
+    return tmp
+
+
+def run_two_processes(script, *args, tmp_path):
+    """`script` on two CPU processes (gloo), started by torchrun as `accelerate launch` starts them on GPUs."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", ACCELERATE_USE_CPU="1",
+               OMP_NUM_THREADS="1")
+    env.pop("WANDB_MODE", None)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / script), *map(str, args), "--report_to", "none"],
+                            check=False, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def first_run(checkpoints):
+    """Both checkpoints in one table, at dims inside and outside the training list (24 is not a head), with the
+    features extracted by two processes."""
+    out = checkpoints / "out1"
+    result = run_two_processes("evaluate.py", "--checkpoint", checkpoints / "sup", checkpoints / "ssl", "--labels",
+                               "MRL", "SSL", "--dims", "8,24,512", "--shortlist", 50, "--num_workers", 0,
+                               "--batch_size", 64, "--output_dir", out, tmp_path=checkpoints)
+    return out, result, json.loads((out / "results.json").read_text())
+
+
+def test_evaluates_supervised_and_ssl_checkpoints_end_to_end(checkpoints, first_run):
+    out, result, results = first_run
+    assert "2 process(es)" in result.stdout
+    assert result.stdout.count("extracted") == 6  # train, val and test of each checkpoint
+    assert results["dataset"]["dataset"] == "digits" and results["eval_split"] == "test"
+    mrl, ssl = results["runs"]
+    assert (mrl["label"], mrl["kind"], ssl["label"], ssl["kind"]) == ("MRL", "supervised", "SSL", "ssl")
+    for run in (mrl, ssl):
+        assert [r["dim"] for r in run["per_dim"]] == [8, 24, 512]
+        for row in run["per_dim"]:
+            for key in ("probe", "knn", "map@10", "precision@10", "map_mrl@10", "pca_probe", "pca_knn"):
+                assert 0 <= row[key] <= 1, (key, row)
+        assert run["per_dim"][-1]["probe"] > 0.5  # 10 classes: chance is 0.1
+        assert run["adaptive_classification"]["probe"][-1]["expected_dim"] == 512
+        funnel = run["adaptive_retrieval"]
+        assert [r["shortlist_dim"] for r in funnel] == [512, 8, 24] and funnel[0]["speedup"] == 1.0
+    # the same backbone: identical features, so identical probe / kNN numbers with or without heads
+    assert [r["knn"] for r in mrl["per_dim"]] == [r["knn"] for r in ssl["per_dim"]]
+    # heads: reported at the trained dims only, equal to what the training script measured on the same test split
+    trained = json.loads((checkpoints / "sup" / "metrics.json").read_text())
+    expected = dict(zip(trained["dims"], trained["test"]["accuracy"]))
+    assert mrl["per_dim"][0]["head"] == pytest.approx(expected[8], abs=0.003)
+    assert mrl["per_dim"][2]["head"] == pytest.approx(expected[512], abs=0.003)
+    assert "head" not in mrl["per_dim"][1] and all("head" not in r for r in ssl["per_dim"])
+    assert mrl["adaptive_classification"]["heads"][0]["expected_dim"] == 8
+    assert "heads" not in ssl["adaptive_classification"]
+    # outputs: the markdown table, the protocols, and non-empty plots
+    markdown = (out / "results.md").read_text()
+    assert "| run | dim | probe top-1 | kNN top-1 | mAP@10 | P@10 |" in markdown
+    assert "| MRL | 24 |" in markdown and "| SSL | 512 |" in markdown and "cascade" in markdown
+    assert set(results["protocols"]) >= {"probe", "knn", "retrieval", "pca", "head"}
+    for name in ("accuracy_vs_dim", "knn_vs_dim", "map_at_10_vs_dim", "adaptive_classification",
+                 "adaptive_retrieval", "pca_scatter_MRL", "pca_scatter_SSL"):
+        data = (out / f"{name}.png").read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+
+
+def test_two_processes_extract_every_sample_once_in_order(checkpoints, first_run):
+    """The features that two processes gathered (1437 train and 180 test images: neither a multiple of 2 x 64, so
+    the last batches are padded) are exactly those of one process, row for row."""
+    config = json.loads((checkpoints / "sup" / "config.json").read_text())
+    data = config["data"]
+    splits = load_splits("digits", seed=data["seed"], val_fraction=data["val_fraction"],
+                         test_fraction=data["test_fraction"])
+    cached = {p.name.split("-")[0]: torch.load(p) for p in (checkpoints / "sup" / "features").glob("*.pt")}
+    for name in ("train", "val", "test"):
+        assert torch.equal(cached[name]["labels"], torch.tensor(getattr(splits, name)["label"]))
+    splits.test.set_transform(ImageTransform(build_transform(data["augment"], data["image_size"], data["mean"],
+                                                             data["std"], train=False)))
+    backbone, _, _ = load_model(checkpoints / "sup")
+    features, labels = extract(Accelerator(cpu=True), backbone, splits.test, batch_size=64)
+    assert torch.equal(labels, cached["test"]["labels"])
+    assert torch.allclose(features, cached["test"]["features"], atol=1e-5)
+
+
+def test_second_evaluation_reads_the_feature_cache(checkpoints, first_run, tmp_path):
+    cache = sorted((checkpoints / "sup" / "features").glob("*.pt"))
+    assert [p.name.split("-")[0] for p in cache] == ["test", "train", "val"]
+    mtimes = [p.stat().st_mtime_ns for p in cache]
+    out = tmp_path / "out2"
+    result = run_script("evaluate.py", "--checkpoint", checkpoints / "sup", "--dims", 8, 16, "--no-pca",
+                        "--num_workers", 0, "--output_dir", out, tmp_path=tmp_path, wandb=True)
+    assert result.stdout.count("loaded cached features") == 3 and "extracted" not in result.stdout
+    assert [p.stat().st_mtime_ns for p in cache] == mtimes
+    assert sorted((checkpoints / "sup" / "features").glob("*.pt")) == cache  # other dims, same features
+    results = json.loads((out / "results.json").read_text())
+    first = json.loads((first_run[0] / "results.json").read_text())
+    assert results["runs"][0]["per_dim"][0]["knn"] == first["runs"][0]["per_dim"][0]["knn"]
+    # W&B (offline): the per-dim table and the plots on one run page
+    (run_dir,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
+    logged = set().union(*history(run_dir))
+    assert {"eval/sup/_type", "accuracy_vs_dim/_type", "adaptive_classification/_type"} <= logged
+    (wandb_file,) = run_dir.glob("run-*.wandb")
+    summary = {item.key: json.loads(item.value_json) for record in records(wandb_file)
+               if record.WhichOneof("record_type") == "summary" for item in record.summary.update}
+    assert summary["sup/probe_d8"] == pytest.approx(results["runs"][0]["per_dim"][0]["probe"])
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    result = run_script("evaluate.py", "--checkpoint", tmp_path / "nope", tmp_path=tmp_path, check=False)
+    assert result.returncode != 0
+    expected = f"error: --checkpoint {tmp_path / 'nope'} does not exist (expected a folder written by a training " \
+               "script)"
+    assert result.stderr.strip().splitlines() == [expected]
+
+
+def run_main(*args):
+    evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in args] + ["--report_to", "none"]))
+
+
+def test_incomplete_or_foreign_checkpoints_are_refused(checkpoints, tmp_path):
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    shutil.copy(checkpoints / "sup" / "config.json", incomplete / "config.json")
+    with pytest.raises(UserError, match="no model.safetensors"):
+        run_main("--checkpoint", incomplete)
+    os.remove(incomplete / "config.json")
+    with pytest.raises(UserError, match="config.json is missing"):
+        run_main("--checkpoint", incomplete)
+    future = tmp_path / "future"
+    shutil.copytree(checkpoints / "ssl", future)
+    config = json.loads((future / "config.json").read_text())
+    (future / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(UserError, match="format version 99"):
+        run_main("--checkpoint", future)
+
+
+def test_dims_beyond_the_embedding_are_refused(checkpoints):
+    with pytest.raises(UserError, match=r"--dims must lie in 1\.\.512"):
+        run_main("--checkpoint", checkpoints / "ssl", "--dims", "8,1024")
+
+
+def test_heads_on_a_dataset_with_other_classes_are_refused(checkpoints, tmp_path):
+    from PIL import Image
+
+    for name in ("cat", "dog"):  # a real image folder with two classes
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (8, 8), (20 * i, 100, 0)).save(tmp_path / "pets" / name / f"{i}.png")
+    with pytest.raises(UserError, match="heads for 10 classes .* but the dataset has 2"):
+        run_main("--checkpoint", checkpoints / "sup", "--dataset", "custom", "--dataset_path", tmp_path / "pets")
