@@ -21,12 +21,12 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from tqdm.auto import tqdm
 
 from mrl import UserError, cli, plots
 from mrl.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
 from mrl.data import Collate, attach_transforms, get_preset, load_splits
-from mrl.guards import LossGuard, Preempted, Preemption
+from mrl.guards import LossGuard, Preemption
+from mrl.loop import after_optimizer_step, epoch_batches, log_train_losses, report_skipped_images
 from mrl.losses import dim_weights, per_head_cross_entropy
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
 from mrl.schedules import exponential_schedule
@@ -155,12 +155,7 @@ def main(args):
 def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, dims, loss_weights,
                     lr_schedule, state, epoch, preemption):
     model.train()
-    train_transform.epoch = epoch  # per-sample augmentation seeds depend on the epoch (read when workers start)
-    train_loader.set_epoch(epoch)
-    # After a mid-epoch resume, skip the batches this epoch already consumed -- for this epoch only.
-    batches = accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader
-    progress = tqdm(total=len(train_loader), initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    batches, progress = epoch_batches(accelerator, train_loader, train_transform, state, epoch, args.epochs)
     group_losses, skipped = [], torch.zeros((), device=accelerator.device)
     guard = LossGuard(accelerator.device)
     for batch in batches:
@@ -180,29 +175,13 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
         state.skipped_steps += accelerator.optimizer_step_was_skipped  # fp16: the grad scaler skipped this step
         if state.step % args.log_every == 0:
             guard.check(accelerator)
-            per_dim_mean = accelerator.reduce(torch.stack(group_losses).mean(0), "mean")
-            total = (loss_weights * per_dim_mean).sum().item()
-            progress.set_postfix(loss=f"{total:.4f}", lr=f"{lr_schedule[state.step - 1]:.2e}")
-            accelerator.log({"train/loss": total, "train/lr": lr_schedule[state.step - 1],
-                             "train/skipped_steps": state.skipped_steps,
-                             "epoch": epoch + state.batch_in_epoch / len(train_loader),
-                             **{f"train/loss_d{d}": l for d, l in zip(dims, per_dim_mean.tolist())}},
-                            step=state.step)
+            log_train_losses(accelerator, progress, state, epoch, len(train_loader), dims, loss_weights, group_losses,
+                             float(lr_schedule[state.step - 1]))
         group_losses = []
-        stop = preemption.requested(accelerator)
-        if stop or (args.checkpointing_steps != "epoch" and state.step % int(args.checkpointing_steps) == 0):
-            guard.check(accelerator)
-            path = save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
-        if stop:
-            accelerator.end_training()
-            raise Preempted(f"saved {path} at step {state.step}; relaunch the same command with "
-                            "--resume_from_checkpoint latest to continue")
+        after_optimizer_step(args, accelerator, state, guard, preemption)
     progress.close()
     guard.check(accelerator)
-    skipped = int(accelerator.reduce(skipped, "sum").item())
-    if skipped:
-        accelerator.print(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
-        accelerator.log({"data/skipped_images": skipped}, step=state.step)
+    report_skipped_images(accelerator, skipped, epoch, state.step)
 
 
 def training_step(accelerator, model, optimizer, batch, loss_weights, lr, max_grad_norm):

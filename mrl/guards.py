@@ -52,7 +52,8 @@ class LossGuard:
 
     def update(self, loss, step):
         bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(bad, torch.tensor(step, device=loss.device), self.first_bad_step)
+        # torch.full_like fills on the device; torch.tensor(step, device=cuda) would copy from the host and sync
+        self.first_bad_step = torch.where(bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
 
     def check(self, accelerator):
         steps = [s for s in accelerator.gather(self.first_bad_step.reshape(1)).tolist() if s >= 0]

@@ -1,0 +1,54 @@
+"""The bookkeeping both training scripts share around their own training step: where an epoch starts after a
+resume, progress, unreadable-image counts, and what happens after an optimizer step (checkpoint, preemption)."""
+
+import torch
+from tqdm.auto import tqdm
+
+from mrl.checkpoint import save_checkpoint
+from mrl.guards import Preempted
+
+
+def epoch_batches(accelerator, train_loader, train_transform, state, epoch, epochs):
+    """The batches of `epoch` still to train on, and a progress bar over the whole epoch.
+
+    The shuffle order and every sample's augmentation are functions of (seed, epoch), so after a mid-epoch resume
+    skipping the batches already consumed (for this epoch only) replays the uninterrupted run exactly.
+    """
+    train_transform.epoch = epoch  # read by the DataLoader workers when they start, i.e. at iter(batches)
+    train_loader.set_epoch(epoch)
+    batches = accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader
+    progress = tqdm(total=len(train_loader), initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}/{epochs}",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    return batches, progress
+
+
+def after_optimizer_step(args, accelerator, state, guard, preemption):
+    """Save a checkpoint every --checkpointing_steps steps; on a preemption signal save one and stop the run.
+    The loss guard is checked first, so a diverged model never replaces the last good checkpoint."""
+    stop = preemption.requested(accelerator)
+    if stop or (args.checkpointing_steps != "epoch" and state.step % int(args.checkpointing_steps) == 0):
+        guard.check(accelerator)
+        path = save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
+    if stop:
+        accelerator.end_training()
+        raise Preempted(f"saved {path} at step {state.step}; relaunch the same command with "
+                        "--resume_from_checkpoint latest to continue")
+
+
+def report_skipped_images(accelerator, skipped, epoch, step):
+    """Log how many unreadable images all processes skipped this epoch (`skipped`: this process's count)."""
+    skipped = int(accelerator.reduce(torch.as_tensor(skipped, device=accelerator.device), "sum").item())
+    if skipped:
+        accelerator.print(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
+        accelerator.log({"data/skipped_images": skipped}, step=step)
+
+
+def log_train_losses(accelerator, progress, state, epoch, steps_in_epoch, dims, weights, group_losses, lr, **extra):
+    """Log the train loss of the optimizer step just taken, averaged over its micro-batches and all processes:
+    the weighted total and each dim's own loss, with the learning rate and the fp16 skipped-step count."""
+    per_dim = accelerator.reduce(torch.stack(group_losses).mean(0), "mean")
+    total = (weights * per_dim).sum().item()
+    progress.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+    accelerator.log({"train/loss": total, "train/lr": lr, "train/skipped_steps": state.skipped_steps,
+                     "epoch": epoch + state.batch_in_epoch / steps_in_epoch, **extra,
+                     **{f"train/loss_d{d}": loss for d, loss in zip(dims, per_dim.tolist())}}, step=state.step)
