@@ -1,0 +1,506 @@
+#!/usr/bin/env python
+"""Self-supervised Matryoshka Representation Learning (ReLIC, SimCLR, BYOL) with Hugging Face Accelerate.
+
+Every image is augmented twice; a backbone maps each view to an embedding z, and a self-supervised loss pulls the two
+views of an image together -- on every prefix z[:, :d], d in --dims, at once (the Matryoshka loss), so that each
+prefix is a representation on its own: evaluate.py truncates z to d dims and probes it.
+
+  relic   ReLIC (mrl-pytorch's method): online vs EMA-target projections, learnable temperature, KL invariance term
+  simclr  SimCLR: NT-Xent between the two views' projections, no target network
+  byol    BYOL: online predictor regresses the EMA target's projection (normalized MSE)
+
+The defaults reproduce mrl-pytorch's CIFAR-10 run (ResNet-18, batch 256, Adam lr 3e-4 wd 1e-5, 100 epochs, projector
+to 64, dims 8..512, EMA gamma 0.99 raised to 1 on a cosine schedule, no LR schedule), with its bugs fixed (see the
+README: the loss is nested on the backbone output that evaluation truncates, BatchNorm trains in train mode, resume is
+exact). mrl-pytorch's flag names are accepted too (--dataset_name, --num_epochs, --gamma, ...).
+
+examples:
+  accelerate launch train_ssl.py --method relic                      # mrl-pytorch's CIFAR-10 ResNet-18 run
+  accelerate launch train_ssl.py --method relic --nest projector     # its released wheel's nesting
+  accelerate launch --config_file accelerate_configs/single_gpu_bf16.yaml train_ssl.py --gpu_augment
+  accelerate launch train_ssl.py --dataset stl10 --model resnet50    # 100k unlabeled + 5k train images
+  python train_ssl.py --dataset digits --image_size 8 --batch_size 64 --epochs 2 --num_workers 0   # a quick CPU run
+"""
+
+import argparse
+import json
+import math
+import os
+
+import datasets
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+
+from mrl import UserError, cli, plots
+from mrl.augment import BatchAugment, batch_seed, ssl_augmentation
+from mrl.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
+from mrl.data import Collate, ImageTransform, attach_transforms, build_transform, get_preset, load_splits
+from mrl.ema import EMA
+from mrl.features import embed
+from mrl.guards import LossGuard, Preemption
+from mrl.loop import after_optimizer_step, epoch_batches, log_train_losses, report_skipped_images
+from mrl.losses import MatryoshkaLoss, byol_loss, dim_weights, nt_xent_loss, relic_loss
+from mrl.models import build_backbone, check_dims, default_dims
+from mrl.projectors import NEST, Projector, predictor
+from mrl.retrieval import knn_predict, nearest_neighbors, normalized_prefix
+from mrl.schedules import constant_schedule, cosine_schedule
+from mrl.tracking import init_tracking, log_image_files, log_per_dim_table
+
+METHODS = ("relic", "simclr", "byol")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("train_ssl.py", description=__doc__, formatter_class=cli.HelpFormatter)
+    cli.add_data_args(parser, default_dataset="cifar10")
+    cli.add_model_args(parser)
+    group = parser.add_argument_group("self-supervised method")
+    group.add_argument("--method", default="relic", choices=METHODS, help="the self-supervised loss (see above)")
+    group.add_argument("--nest", default="backbone", choices=NEST,
+                       help="where the Matryoshka prefixes are taken: 'backbone' = of the backbone output, which is "
+                            "what evaluation truncates (each prefix goes through the projector on its own); "
+                            "'projector' = of the projector's hidden layer, as mrl-pytorch 0.1.1 did (then --dims are "
+                            "prefixes of --proj_hidden_dim and the backbone output itself is not nested)")
+    group.add_argument("--dim_weights", default="uniform",
+                       help="loss weight per dim: 'uniform' (mrl-pytorch and the paper) or comma-separated numbers")
+    group.add_argument("--proj_hidden_dim", type=int, default=512, help="projector (and BYOL predictor) hidden width")
+    group.add_argument("--proj_out_dim", type=int, default=64, help="projector output width (mrl-pytorch: 64)")
+    group.add_argument("--proj_batchnorm", default="auto", choices=("auto", "on", "off"),
+                       help="BatchNorm in the projector's hidden layer; auto = off for relic (mrl-pytorch's head has "
+                            "none), on for simclr and byol (their papers)")
+    group.add_argument("--alpha", type=float, default=1.0, help="relic: weight of the KL invariance term")
+    group.add_argument("--max_temperature", type=float, default=5.0,
+                       help="relic: clamp of the learnable logit scale exp(t), which starts at 1 (mrl-pytorch: 5)")
+    group.add_argument("--temperature", type=float, default=0.5, help="simclr: NT-Xent temperature")
+    group.add_argument("--ema_momentum", type=float, default=0.99,
+                       help="relic, byol: target EMA momentum gamma at the start, raised to 1 on a cosine schedule")
+    group.add_argument("--ema_copy_until", type=int, default=1,
+                       help="relic, byol: the target is a copy of the online network up to this optimizer step")
+    group.add_argument("--ema_every", type=int, default=1, help="relic, byol: move the target every N optimizer steps")
+    group.add_argument("--export_encoder", default="auto", choices=("auto", "online", "target"),
+                       help="which backbone is saved (and monitored): auto = the EMA target where there is one (as "
+                            "mrl-pytorch saves and evaluates it), else the online backbone")
+
+    group = parser.add_argument_group("augmentation (mrl-pytorch's two-view recipe, see mrl/augment.py)")
+    group.add_argument("--gpu_augment", action="store_true",
+                       help="augment on the accelerator, batched with per-sample random parameters, instead of per "
+                            "image in the DataLoader workers (for when the CPU cannot feed the GPU)")
+    group.add_argument("--crop_min_scale", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
+    group.add_argument("--jitter_strength", type=float, default=1.0,
+                       help="colour jitter strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s")
+    group.add_argument("--blur_prob", type=float, default=1.0, help="Gaussian blur probability (mrl-pytorch: always)")
+    group.add_argument("--solarize_prob", type=float, default=0.5, help="solarize probability")
+    group.add_argument("--normalize", default="dataset", choices=("dataset", "none"),
+                       help="normalize inputs with the dataset preset's mean/std (saved in config.json, so evaluation "
+                            "matches), or feed [0, 1] pixels as mrl-pytorch did")
+
+    group = parser.add_argument_group("optimization (defaults: mrl-pytorch's)")
+    group.add_argument("--batch_size", type=int, default=256,
+                       help="images per forward pass, summed over all processes (split evenly among them)")
+    group.add_argument("--grad_accum_steps", type=int, default=1, help="forward passes per optimizer step")
+    group.add_argument("--optimizer", default="adam", choices=("adam", "adamw"),
+                       help="adam: weight decay as L2 in the gradient (mrl-pytorch); adamw: decoupled")
+    group.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    group.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay")
+    group.add_argument("--no_decay_norm_bias", action="store_true",
+                       help="exempt norm weights, biases and the ReLIC temperature from weight decay (mrl-pytorch "
+                            "decays everything)")
+    group.add_argument("--lr_schedule", default="none", choices=("none", "cosine"),
+                       help="none: constant (mrl-pytorch); cosine: linear warmup, then cosine decay to --min_lr")
+    group.add_argument("--warmup_epochs", type=float, default=0.0, help="cosine schedule: warmup length")
+    group.add_argument("--min_lr", type=float, default=0.0, help="cosine schedule: final learning rate")
+    group.add_argument("--max_grad_norm", type=float, default=0.0, help="clip the gradient norm per optimizer step (0: off)")
+    group.add_argument("--sync_bn", action="store_true",
+                       help="multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm)")
+    group.add_argument("--memory_format", default="channels_last", choices=("channels_last", "contiguous"),
+                       help="activation and weight layout: channels_last runs convolutions faster on recent GPUs "
+                            "(bf16/fp16) and on CPUs with oneDNN (ResNet-18 step 1.3x on 2 cores); contiguous is "
+                            "PyTorch's default, as mrl-pytorch")
+    group.add_argument("--fp16_precision", action="store_true",
+                       help="mrl-pytorch's flag: fp16 mixed precision. Prefer `accelerate launch --mixed_precision "
+                            "fp16` (or bf16) or an accelerate config; this flag overrides them")
+
+    group = parser.add_argument_group("online monitoring (a cheap per-dim kNN accuracy on labeled data)")
+    group.add_argument("--knn_every", type=int, default=5, help="every N epochs, and after the last (0: only after the last)")
+    group.add_argument("--knn_k", type=int, default=20, help="neighbours (DINO: 20)")
+    group.add_argument("--knn_temperature", type=float, default=0.07, help="vote weight exp(similarity / T) (DINO: 0.07)")
+    group.add_argument("--knn_bank_samples", type=int, default=10000,
+                       help="labeled train images in the kNN memory bank (a seeded random subset); the queries are "
+                            "the validation split")
+    cli.add_run_args(parser, default_epochs=100)
+    add_seed_aliases(parser)
+    return parser
+
+
+# mrl-pytorch's flag names -> ours (README table). Same-named flags (--batch_size, --dataset_path, --proj_out_dim,
+# --proj_hidden_dim, --alpha, --fp16_precision) need no alias.
+SEED_ALIASES = [
+    (("--dataset_name",), "dataset", str), (("-m", "--encoder_model_name"), "model", str),
+    (("-save_model_dir", "--save_model_dir"), "output_dir", str), (("--num_epochs",), "epochs", int),
+    (("-b",), "batch_size", int), (("-lr", "--learning_rate"), "lr", float),
+    (("-wd", "--wd"), "weight_decay", float), (("--log_every_n_steps",), "log_every", int),
+    (("--gamma",), "ema_momentum", float), (("--update_gamma_after_step",), "ema_copy_until", int),
+    (("--update_gamma_every_n_steps",), "ema_every", int),
+]
+
+
+def add_seed_aliases(parser):
+    group = parser.add_argument_group("mrl-pytorch flag names (aliases of the flags above)")
+    for names, dest, kind in SEED_ALIASES:
+        group.add_argument(*names, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"= --{dest}")
+
+
+class Encoder(nn.Module):
+    """Backbone + the projector's trunk (the part before the nesting point): image -> what the prefixes are cut of."""
+
+    def __init__(self, backbone, projector):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+
+    def forward(self, x):
+        return self.projector.trunk(self.backbone(x))
+
+
+class SSLModel(nn.Module):
+    """The online encoder (+ BYOL's predictor, ReLIC's temperature), the EMA target (ReLIC, BYOL) and the loss.
+
+    forward(view1, view2) -> (weighted Matryoshka loss, per-dim losses). The two views go through the backbone as one
+    batch (one forward per network); the Matryoshka wrapper slices the embeddings at every d and calls prefix_loss,
+    which projects each prefix and applies the method's base loss, symmetrized over the two view orders. The target
+    is a frozen submodule (no gradients, not in the optimizer, not reduced by DDP), so accelerator.save_state saves
+    its weights and update counter with the model's and a resume restores them exactly.
+    """
+
+    def __init__(self, method, backbone, projector, dims, weights, ema_momentum=(), ema_copy_until=1, ema_every=1,
+                 alpha=1.0, max_temperature=5.0, temperature=0.5, predictor_hidden=512):
+        super().__init__()
+        self.method, self.alpha, self.max_temperature, self.temperature = method, alpha, max_temperature, temperature
+        self.online = Encoder(backbone, projector)
+        self.predictor = predictor(projector.fc2.out_features, predictor_hidden) if method == "byol" else None
+        # mrl-pytorch's t': the logit scale is exp(t'), starting at 1
+        self.log_temperature = nn.Parameter(torch.zeros(())) if method == "relic" else None
+        self.target = EMA(self.online, ema_momentum, ema_copy_until, ema_every) if method != "simclr" else None
+        self.loss = MatryoshkaLoss(self.prefix_loss, dims, weights)
+
+    def forward(self, view1, view2):
+        views = torch.cat([view1, view2])
+        embeddings = [self.online(views)]
+        if self.target is not None:
+            with torch.no_grad():
+                embeddings.append(self.target(views))
+        return self.loss(*embeddings)
+
+    def prefix_loss(self, online, target=None):
+        """The base loss on prefixes of width d: online (and target) embeddings of view 1 stacked over view 2."""
+        p1, p2 = self.online.projector(online).chunk(2)
+        if self.method == "simclr":
+            return nt_xent_loss(p1, p2, self.temperature)
+        with torch.no_grad():
+            t1, t2 = self.target.module.projector(target).chunk(2)
+        if self.method == "relic":
+            loss = lambda o, t: relic_loss(o, t, self.log_temperature, self.alpha, self.max_temperature)  # noqa: E731
+            return (loss(p1, t2) + loss(p2, t1)) / 2
+        q1, q2 = self.predictor(torch.cat([p1, p2])).chunk(2)
+        return (byol_loss(q1, t2) + byol_loss(q2, t1)) / 2
+
+    def update_target(self, step):
+        """After optimizer step `step` (once per step, not per micro-batch); returns the gamma used (None: no target)."""
+        return self.target.update(self.online, step) if self.target is not None else None
+
+    def logit_scale(self):
+        return self.log_temperature.detach().exp().clamp(0, self.max_temperature) if self.method == "relic" else None
+
+
+class Exported(nn.Module):
+    """What model.safetensors holds: `backbone.*` (what evaluate.py loads) and `projector.*`."""
+
+    def __init__(self, backbone, projector):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+
+
+def main(args):
+    preset = get_preset(args.dataset)
+    args.model = args.model or preset.model
+    args.image_size = args.image_size or preset.image_size
+    cli.resolve_run_args(args, f"ssl_{args.method}")
+    check_args(args)
+
+    # split_batches: --batch_size is the global batch, so a run means the same thing on 1 or 8 processes.
+    # The seedable sampler makes each epoch's order a function of (seed, epoch), which exact resume relies on.
+    if args.fp16_precision and not torch.cuda.is_available():
+        raise UserError("--fp16_precision needs a CUDA GPU; on the CPU train in fp32 (or bf16 via `accelerate launch "
+                        "--mixed_precision bf16`)")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.grad_accum_steps, mixed_precision="fp16" if args.fp16_precision else None,
+        log_with="wandb" if args.report_to == "wandb" else None,
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed))
+    if args.batch_size % accelerator.num_processes:
+        raise UserError(f"--batch_size {args.batch_size} cannot be split evenly over {accelerator.num_processes} processes")
+    if args.batch_size // accelerator.num_processes < 2:
+        raise UserError(f"--batch_size {args.batch_size} gives {args.batch_size // accelerator.num_processes} image(s) "
+                        f"per process; the {args.method} loss compares images within a batch and needs at least 2")
+    set_seed(args.seed)
+    preemption = Preemption()
+    resuming = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) is not None
+    cli.check_output_dir(args, resuming=resuming, is_main=accelerator.is_main_process)
+
+    # ---- data: two augmented views per image for training (labels unused); labeled splits for the kNN monitor
+    with accelerator.main_process_first():
+        splits = load_splits(args.dataset, args.dataset_path, seed=args.seed, val_fraction=args.val_fraction,
+                             test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
+                             max_eval_samples=args.max_eval_samples, min_image_size=args.min_image_size)
+    mean, std = (preset.mean, preset.std) if args.normalize == "dataset" else ((0.0,) * 3, (1.0,) * 3)
+    size = (args.image_size, args.image_size)
+    strength = dict(crop_scale=(args.crop_min_scale, 1.0), strength=args.jitter_strength, blur_prob=args.blur_prob,
+                    solarize_prob=args.solarize_prob)
+    if args.gpu_augment:  # workers only decode and resize; uint8 is a quarter of the bytes to copy to the device
+        cpu_transform, views, gpu_augment = T.Compose([T.Resize(size), T.PILToTensor()]), 1, \
+            BatchAugment(args.image_size, mean, std, **strength)
+    else:
+        cpu_transform, views, gpu_augment = T.Compose([ssl_augmentation(args.image_size, **strength), T.ToTensor(),
+                                                       T.Normalize(mean, std)]), 2, None
+    train_transform = attach_transforms(splits, "ssl", args.image_size, mean, std, args.seed, views=views,
+                                        train_transform=cpu_transform)
+    pretrain = splits.train if splits.unlabeled is None else datasets.concatenate_datasets([splits.train,
+                                                                                           splits.unlabeled])
+    pretrain.set_transform(train_transform)
+    bank = splits.train.shuffle(seed=args.seed).select(range(min(args.knn_bank_samples, len(splits.train))))
+    bank = bank.with_transform(ImageTransform(build_transform("ssl", args.image_size, mean, std, train=False)))
+    loader = lambda ds, batch_size, train: torch.utils.data.DataLoader(  # noqa: E731
+        ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=args.num_workers,
+        collate_fn=Collate(keep_shape=not train), pin_memory=torch.cuda.is_available())
+    train_loader = loader(pretrain, args.batch_size, True)  # full batches only: the loss compares within a batch
+    if len(train_loader) == 0:
+        raise UserError(f"{len(pretrain)} training images are fewer than one batch of --batch_size {args.batch_size}")
+    bank_loader, query_loader = loader(bank, 2 * args.batch_size, False), loader(splits.val, 2 * args.batch_size, False)
+
+    # ---- model: backbone + projector (+ predictor) online, EMA target, Matryoshka loss over the prefixes
+    cifar_stem = {"auto": None, "on": True, "off": False}[args.cifar_stem]
+    backbone = build_backbone(args.model, args.image_size, cifar_stem)
+    batchnorm = args.method != "relic" if args.proj_batchnorm == "auto" else args.proj_batchnorm == "on"
+    projector = Projector(backbone.embed_dim, args.proj_hidden_dim, args.proj_out_dim, args.nest, batchnorm)
+    dims = cli.flat_dims(args.dims) or default_dims(projector.nested_width)
+    if args.nest == "projector" and max(dims) > projector.nested_width:
+        raise UserError(f"with --nest projector, --dims are prefixes of the projector's hidden layer and must lie in "
+                        f"1..{projector.nested_width} (--proj_hidden_dim), got {sorted(dims)}")
+    dims = check_dims(dims, projector.nested_width)
+    # kNN on prefixes of the backbone output, which is what evaluation truncates (with --nest projector it is not
+    # nested, so this shows what that costs)
+    knn_dims = dims if args.nest == "backbone" else default_dims(backbone.embed_dim)
+    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+    ema_schedule = cosine_schedule(args.ema_momentum, 1.0, args.epochs, steps_per_epoch)
+    if args.sync_bn and accelerator.num_processes > 1:
+        backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+        projector = nn.SyncBatchNorm.convert_sync_batchnorm(projector)
+    model = SSLModel(args.method, backbone, projector, dims, dim_weights(dims, args.dim_weights), ema_schedule,
+                     args.ema_copy_until, args.ema_every, args.alpha, args.max_temperature, args.temperature,
+                     args.proj_hidden_dim)
+    if args.memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(args, model)
+
+    model, optimizer, train_loader, bank_loader, query_loader = accelerator.prepare(
+        model, optimizer, train_loader, bank_loader, query_loader)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if args.lr_schedule == "cosine":
+        lr_schedule = cosine_schedule(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs)
+    else:
+        lr_schedule = constant_schedule(args.lr, args.epochs, steps_per_epoch)
+    resumed = load_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if resumed:
+        accelerator.print(f"resumed from {resumed}: epoch {state.epoch}, step {state.step}, batch {state.batch_in_epoch}")
+    unwrapped = accelerator.unwrap_model(model)
+    export_target = unwrapped.target is not None and args.export_encoder != "online"
+    exported = Exported(unwrapped.target.module.backbone if export_target else unwrapped.online.backbone,
+                        unwrapped.online.projector)
+    config = model_config(args, backbone, dims, splits, preset, mean, std, export_target)
+    init_tracking(accelerator, args, state, {**vars(args), "dims": dims})
+    accelerator.print(
+        f"{args.dataset}: {len(pretrain)} training images"
+        + (f" ({len(splits.train)} train + {len(splits.unlabeled)} unlabeled)" if splits.unlabeled is not None else "")
+        + f", kNN monitor: {len(bank)} labeled bank / {len(splits.val)} val images, {len(splits.class_names)} classes"
+        + f"\n{args.method} on {args.model} (embedding {backbone.embed_dim}), nested on the {args.nest} at dims {dims}, "
+        + f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained parameters"
+        + f"\n{args.epochs} epochs x {steps_per_epoch} optimizer steps, {accelerator.num_processes} process(es), "
+        + f"mixed precision: {accelerator.mixed_precision}, augmentation on the {'accelerator' if gpu_augment else 'CPU'}"
+        + f", output: {args.output_dir}")
+
+    # ---- train
+    knn = None
+    for epoch in range(state.epoch, args.epochs):
+        train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, gpu_augment, dims,
+                        lr_schedule, state, epoch, preemption)
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+        if epoch + 1 == args.epochs or (args.knn_every and (epoch + 1) % args.knn_every == 0):
+            knn = knn_monitor(args, accelerator, exported.backbone, bank_loader, query_loader, knn_dims,
+                              len(splits.class_names))
+            state.history.append({"epoch": epoch + 1, "step": state.step, "knn_accuracy": knn})
+            accelerator.log({"epoch": epoch + 1, **{f"knn/accuracy_d{d}": a for d, a in zip(knn_dims, knn)}},
+                            step=state.step)
+            log_per_dim_table(accelerator, "knn_accuracy_per_dim", knn_dims, {"knn_accuracy": knn}, step=state.step)
+            accelerator.print(f"epoch {epoch + 1}: kNN accuracy " + "  ".join(
+                f"d{d} {a:.3f}" for d, a in zip(knn_dims, knn)))
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
+
+    # ---- model and reports
+    if knn is None:  # a resumed run that had already finished its epochs
+        knn = knn_monitor(args, accelerator, exported.backbone, bank_loader, query_loader, knn_dims,
+                          len(splits.class_names))
+    save_model(accelerator, exported.to(memory_format=torch.contiguous_format), args.output_dir, config)
+    if accelerator.is_main_process:
+        write_reports(args, accelerator, knn_dims, knn, state)
+    accelerator.end_training()
+
+
+def check_args(args):
+    for name in ("proj_hidden_dim", "proj_out_dim", "grad_accum_steps", "knn_k", "knn_bank_samples", "ema_every",
+                 "log_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if not 0 < args.crop_min_scale <= 1:
+        raise UserError(f"--crop_min_scale must be in (0, 1], got {args.crop_min_scale}")
+    if not 0 <= args.ema_momentum <= 1:
+        raise UserError(f"--ema_momentum (--gamma) must be in [0, 1], got {args.ema_momentum}")
+    if args.temperature <= 0 or args.knn_temperature <= 0 or args.max_temperature <= 0:
+        raise UserError("temperatures must be positive")
+
+
+def build_optimizer(args, model):
+    """Adam (mrl-pytorch) or AdamW over the trainable parameters; --no_decay_norm_bias exempts 1-d ones."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if args.no_decay_norm_bias:
+        groups = [{"params": [p for _, p in trainable if p.ndim > 1], "weight_decay": args.weight_decay},
+                  {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for _, p in trainable], "weight_decay": args.weight_decay}]
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[args.optimizer](groups, lr=args.lr)
+
+
+def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, gpu_augment, dims,
+                    lr_schedule, state, epoch, preemption):
+    model.train()  # every epoch: the kNN monitor leaves the backbone in eval mode (mrl-pytorch never switched back)
+    unwrapped = accelerator.unwrap_model(model)
+    generator = torch.Generator(device=accelerator.device) if gpu_augment else None
+    channels_last = args.memory_format == "channels_last"
+    batches, progress = epoch_batches(accelerator, train_loader, train_transform, state, epoch, args.epochs)
+    group_losses, skipped = [], torch.zeros((), device=accelerator.device)
+    guard = LossGuard(accelerator.device)  # NaN/inf loss: checked before logging and saving, no sync per step
+    for batch in batches:
+        skipped += batch["skipped"]
+        if batch["labels"].numel() == 0:  # every image of this batch was unreadable
+            state.batch_in_epoch += 1
+            continue
+        views = batch["pixel_values"]
+        if gpu_augment is not None:  # two views of the batch, drawn from a generator seeded by (seed, epoch, batch)
+            generator.manual_seed(batch_seed(args.seed, epoch, state.batch_in_epoch, accelerator.process_index))
+            views = [gpu_augment(views, generator), gpu_augment(views, generator)]
+        if channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        loss, per_dim, gamma = training_step(accelerator, model, optimizer, views, float(lr_schedule[state.step]),
+                                             args.max_grad_norm, state.step)
+        guard.update(loss, state.step + 1)
+        group_losses.append(per_dim)
+        state.batch_in_epoch += 1
+        progress.update(1)
+        if not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        state.skipped_steps += accelerator.optimizer_step_was_skipped  # fp16: the grad scaler skipped this step
+        if state.step % args.log_every == 0:
+            guard.check(accelerator)
+            extra = {"train/ema_gamma": gamma} if gamma is not None else {}
+            if unwrapped.logit_scale() is not None:
+                extra["train/logit_scale"] = unwrapped.logit_scale().item()
+            log_train_losses(accelerator, progress, state, epoch, len(train_loader), dims, unwrapped.loss.weights,
+                             group_losses, float(lr_schedule[state.step - 1]), **extra)
+        group_losses = []
+        after_optimizer_step(args, accelerator, state, guard, preemption)
+    progress.close()
+    guard.check(accelerator)
+    report_skipped_images(accelerator, skipped, epoch, state.step)
+
+
+def training_step(accelerator, model, optimizer, views, lr, max_grad_norm, step):
+    """One forward and backward pass on the two views. At the end of an accumulation group the optimizer steps at
+    `lr` (after clipping) and then the EMA target moves: once per optimizer step, not per micro-batch. Returns the
+    loss and the per-dim losses, detached, and the target's momentum at optimizer step `step` (None on micro-batches
+    that do not step, and for SimCLR)."""
+    gamma = None
+    with accelerator.accumulate(model):
+        loss, per_dim = model(*views)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            for group in optimizer.param_groups:
+                group["lr"] = lr  # a Python float: a numpy scalar in the optimizer state would not reload
+            if max_grad_norm > 0:
+                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            gamma = accelerator.unwrap_model(model).update_target(step)
+    return loss.detach(), per_dim, gamma
+
+
+def knn_monitor(args, accelerator, backbone, bank_loader, query_loader, dims, num_classes):
+    """Per-dim weighted kNN accuracy (DINO's eval_knn, mrl/retrieval.py as evaluate.py uses it) of the backbone's
+    prefixes, each L2-renormalized after slicing: val queries against a labeled train bank. Cheap and label-light,
+    as solo-learn and DINO monitor SSL runs; not evaluate.py's linear probe, so label the numbers "online kNN"."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        channels_last = args.memory_format == "channels_last"
+        bank, bank_labels = embed(accelerator, backbone, bank_loader, channels_last)
+        queries, query_labels = embed(accelerator, backbone, query_loader, channels_last)
+    finally:
+        backbone.train(was_training)
+    accuracies = []
+    for d in dims:
+        similarity, index = nearest_neighbors(normalized_prefix(queries, d), normalized_prefix(bank, d), args.knn_k)
+        predicted = knn_predict(similarity, bank_labels[index], num_classes, args.knn_k, args.knn_temperature)
+        accuracies.append((predicted == query_labels).float().mean().item())
+    return accuracies
+
+
+def model_config(args, backbone, dims, splits, preset, mean, std, export_target):
+    """What evaluate.py needs to rebuild the backbone and its preprocessing (saved as config.json)."""
+    return {
+        "kind": "ssl",
+        "model": {"backbone": args.model, "embed_dim": backbone.embed_dim,
+                  "cifar_stem": getattr(backbone, "cifar_stem", None)},
+        "heads": None,
+        "ssl": {"method": args.method, "nest": args.nest, "dims": dims, "exported": "target" if export_target else "online",
+                "projector": {"hidden_dim": args.proj_hidden_dim, "out_dim": args.proj_out_dim}},
+        "data": {"dataset": args.dataset, "dataset_path": args.dataset_path, "image_size": args.image_size,
+                 "mean": list(mean), "std": list(std), "augment": "ssl", "seed": args.seed,
+                 "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+                 "class_names": splits.class_names},
+        "args": vars(args),
+    }
+
+
+def write_reports(args, accelerator, dims, knn, state):
+    """metrics.json, the per-dim kNN table on stdout, and the accuracy-vs-dim plot (also sent to W&B)."""
+    metrics = {"protocol": f"online weighted kNN (k={args.knn_k}, T={args.knn_temperature}) on backbone prefixes, "
+                           "val queries vs a labeled train bank -- not a linear probe",
+               "dims": dims, "knn_accuracy": knn, "history": state.history, "steps": state.step}
+    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(f"\n{args.method} ({args.model} on {args.dataset}), online kNN accuracy per dim:")
+    print("  dim  knn_accuracy")
+    for d, a in zip(dims, knn):
+        print(f"{d:>5}  {a:>12.4f}")
+    print(f"saved {os.path.join(args.output_dir, 'model.safetensors')} and metrics.json")
+    if len(dims) > 1:
+        curves = {f"epoch {h['epoch']}": (dims, h["knn_accuracy"]) for h in state.history[-4:]}
+        path = plots.accuracy_vs_dim(curves, os.path.join(args.output_dir, "knn_accuracy_vs_dim.png"),
+                                     ylabel="online kNN accuracy", title=f"{args.method}: kNN accuracy against dim")
+        log_image_files(accelerator, {"knn_accuracy_vs_dim": path}, step=state.step)
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser().parse_args())
