@@ -20,7 +20,9 @@ ARGS = [*DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2, "--checkpointing_s
 def test_sigterm_saves_a_checkpoint_and_the_relaunched_run_ends_like_an_uninterrupted_one(trained, tmp_path):
     reference, _ = trained
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    (tmp_path / "wandb").mkdir()  # where run_script(wandb=True) logs the relaunch too
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"),
+               WANDB_SILENT="true")
     process = subprocess.Popen([sys.executable, str(ROOT / "train_supervised.py"), *map(str, ARGS), "--output_dir",
                                 str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
@@ -45,8 +47,9 @@ def test_sigterm_saves_a_checkpoint_and_the_relaunched_run_ends_like_an_uninterr
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     # Both launches logged into one W&B run, and its steps never go backwards.
-    assert len(run_dirs(tmp_path)) == 2 and len({d.split("-")[-1] for d in run_dirs(tmp_path)}) == 1
-    for run_dir in run_dirs(tmp_path):
+    runs = run_dirs(tmp_path / "wandb")
+    assert len(runs) == 2 and len({d.split("-")[-1] for d in runs}) == 1
+    for run_dir in runs:
         steps = [r["_step"] for r in history(run_dir)]
         assert steps == sorted(steps)
 
