@@ -90,7 +90,7 @@ def main(args):
     check_args(args)
     accelerator = Accelerator(log_with="wandb" if args.report_to == "wandb" else None)
     log = accelerator.print
-    models = [load_checkpoint(path, accelerator.device) for path in args.checkpoint]
+    models = [load_run(path, accelerator.device) for path in args.checkpoint]
     labels = args.labels
     dims = [resolve_dims(args, path, config, heads) for path, (_, heads, config) in zip(args.checkpoint, models)]
 
@@ -150,7 +150,7 @@ def check_args(args):
     args.run_name = args.run_name or "eval_" + os.path.basename(os.path.normpath(args.checkpoint[0]))
 
 
-def load_checkpoint(path, device):
+def load_run(path, device):
     if not os.path.isdir(path):
         raise UserError(f"--checkpoint {path} does not exist (expected a folder written by a training script)")
     read_config(path)  # a clear error for a folder that is not a finished run, or from another format version

@@ -388,10 +388,10 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
     generator = torch.Generator(device=accelerator.device) if gpu_augment else None
     channels_last = args.memory_format == "channels_last"
     batches, progress = epoch_batches(accelerator, train_loader, train_transform, state, epoch, args.epochs)
-    group_losses, skipped = [], torch.zeros((), device=accelerator.device)
+    group_losses, skipped, loaded = [], 0, 0
     guard = LossGuard(accelerator.device)  # NaN/inf loss: checked before logging and saving, no sync per step
     for batch in batches:
-        skipped += batch["skipped"]
+        skipped, loaded = skipped + batch["skipped"], loaded + len(batch["labels"])  # no device sync per batch
         if batch["labels"].numel() == 0:  # every image of this batch was unreadable
             state.batch_in_epoch += 1
             continue
@@ -422,7 +422,7 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
         after_optimizer_step(args, accelerator, state, guard, preemption)
     progress.close()
     guard.check(accelerator)
-    report_skipped_images(accelerator, skipped, epoch, state.step)
+    report_skipped_images(accelerator, skipped, loaded, epoch, state.step)
 
 
 def training_step(accelerator, model, optimizer, views, lr, max_grad_norm, step):

@@ -156,10 +156,10 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
                     lr_schedule, state, epoch, preemption):
     model.train()
     batches, progress = epoch_batches(accelerator, train_loader, train_transform, state, epoch, args.epochs)
-    group_losses, skipped = [], torch.zeros((), device=accelerator.device)
+    group_losses, skipped, loaded = [], 0, 0
     guard = LossGuard(accelerator.device)
     for batch in batches:
-        skipped += batch["skipped"]
+        skipped, loaded = skipped + batch["skipped"], loaded + len(batch["labels"])  # no device sync per batch
         if batch["labels"].numel() == 0:  # every image of this batch was unreadable
             state.batch_in_epoch += 1
             continue
@@ -181,7 +181,7 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
         after_optimizer_step(args, accelerator, state, guard, preemption)
     progress.close()
     guard.check(accelerator)
-    report_skipped_images(accelerator, skipped, epoch, state.step)
+    report_skipped_images(accelerator, skipped, loaded, epoch, state.step)
 
 
 def training_step(accelerator, model, optimizer, batch, loss_weights, lr, max_grad_norm):
@@ -220,6 +220,8 @@ def evaluate(accelerator, model, loader, dims, keep_embeddings=0):
             embeddings.append(z.cpu())
     logits, labels = torch.cat(logits_all), torch.cat(labels_all)
     valid = labels >= 0  # unreadable images were masked with label -1
+    if not valid.any():
+        raise UserError(f"none of the {len(labels)} evaluation images could be read (corrupt or empty files?)")
     logits, labels = logits[valid].transpose(0, 1), labels[valid]
     result = {"accuracy": (logits.argmax(-1) == labels).float().mean(1).tolist(),
               "loss": per_head_cross_entropy(logits, labels).tolist(), "n": len(labels)}

@@ -61,6 +61,8 @@ def embed(accelerator, backbone, loader, channels_last=False):
         features.append(z)
         labels.append(y)
     features, labels = torch.cat(features), torch.cat(labels)
+    if not (labels >= 0).any():
+        raise UserError(f"none of the {len(labels)} images of the split could be read (corrupt or empty files?)")
     return features[labels >= 0], labels[labels >= 0]
 
 

@@ -4,6 +4,7 @@ resume, progress, unreadable-image counts, and what happens after an optimizer s
 import torch
 from tqdm.auto import tqdm
 
+from mrl import UserError
 from mrl.checkpoint import save_checkpoint
 from mrl.guards import Preempted
 
@@ -35,9 +36,14 @@ def after_optimizer_step(args, accelerator, state, guard, preemption):
                         "--resume_from_checkpoint latest to continue")
 
 
-def report_skipped_images(accelerator, skipped, epoch, step):
-    """Log how many unreadable images all processes skipped this epoch (`skipped`: this process's count)."""
-    skipped = int(accelerator.reduce(torch.as_tensor(skipped, device=accelerator.device), "sum").item())
+def report_skipped_images(accelerator, skipped, loaded, epoch, step):
+    """Log how many unreadable images all processes skipped this epoch (this process: `skipped`, a count that may
+    live on the device to avoid a sync per batch, besides the `loaded` readable ones), and stop with a clear
+    message when no image at all could be read."""
+    counts = torch.stack([torch.as_tensor(skipped).cpu(), torch.as_tensor(loaded)]).to(accelerator.device)
+    skipped, loaded = (int(c) for c in accelerator.reduce(counts, "sum").tolist())
+    if skipped and not loaded:
+        raise UserError(f"none of the {skipped} training images loaded this epoch could be read (corrupt or empty files?)")
     if skipped:
         accelerator.print(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
         accelerator.log({"data/skipped_images": skipped}, step=step)

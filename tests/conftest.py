@@ -1,7 +1,6 @@
 """Shared test helpers: run the real scripts in a subprocess, on real tiny data, offline."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,19 +29,13 @@ def run_script(script, *args, tmp_path, wandb=False, check=True, timeout=600, en
     args = [str(a) for a in args] + ([] if wandb or "--report_to" in args else ["--report_to", "none"])
     launcher = [sys.executable]
     if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", free_port()]
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
         env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     result = subprocess.run([*launcher, str(ROOT / script), *args], cwd=tmp_path, env=env, text=True,
                             capture_output=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 @pytest.fixture

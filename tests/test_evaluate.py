@@ -4,8 +4,6 @@ backbone saved the way train_ssl.py saves its runs (kind "ssl", no heads)."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 import evaluate
-from conftest import DIGITS_FAST, ROOT, run_script
+from conftest import DIGITS_FAST, run_script
 from mrl import UserError
 from mrl.checkpoint import load_model
 from mrl.data import ImageTransform, build_transform, load_splits
@@ -40,26 +38,14 @@ def checkpoints(tmp_path_factory):
     return tmp
 
 
-def run_two_processes(script, *args, tmp_path):
-    """`script` on two CPU processes (gloo), started by torchrun as `accelerate launch` starts them on GPUs."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", ACCELERATE_USE_CPU="1",
-               OMP_NUM_THREADS="1")
-    env.pop("WANDB_MODE", None)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / script), *map(str, args), "--report_to", "none"],
-                            check=False, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def first_run(checkpoints):
     """Both checkpoints in one table, at dims inside and outside the training list (24 is not a head), with the
     features extracted by two processes."""
     out = checkpoints / "out1"
-    result = run_two_processes("evaluate.py", "--checkpoint", checkpoints / "sup", checkpoints / "ssl", "--labels",
-                               "MRL", "SSL", "--dims", "8,24,512", "--shortlist", 50, "--num_workers", 0,
-                               "--batch_size", 64, "--output_dir", out, tmp_path=checkpoints)
+    result = run_script("evaluate.py", "--checkpoint", checkpoints / "sup", checkpoints / "ssl", "--labels", "MRL",
+                        "SSL", "--dims", "8,24,512", "--shortlist", 50, "--num_workers", 0, "--batch_size", 64,
+                        "--output_dir", out, tmp_path=checkpoints, processes=2)
     return out, result, json.loads((out / "results.json").read_text())
 
 
