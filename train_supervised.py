@@ -51,6 +51,9 @@ def get_args_parser():
     group.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate")
     group.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (torch's default, as the blog)")
     group.add_argument("--lr_gamma", type=float, default=0.85, help="learning rate x gamma after every epoch (ExponentialLR)")
+    group.add_argument("--sync_bn", action="store_true",
+                       help="multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm), so that a run on "
+                            "N GPUs normalizes like one on a single GPU")
     group.add_argument("--max_grad_norm", type=float, default=1.0,
                        help="clip the gradient norm at every optimizer step (0: off). The blog clipped at 1.0, but on "
                             "every micro-batch; here it is clipped once per accumulated step")
@@ -99,6 +102,8 @@ def main(args):
     else:
         dims = check_dims(cli.flat_dims(args.dims) or default_dims(backbone.embed_dim), backbone.embed_dim)
     model = MatryoshkaClassifier(backbone, MatryoshkaHeads(dims, len(splits.class_names), tied=args.tied))
+    if args.sync_bn and accelerator.num_processes > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     loss_weights = torch.tensor(dim_weights(dims, args.dim_weights))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
