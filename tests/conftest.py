@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"  # real CIFAR-10 in the Hub's parquet layout (read-only)
+# Real CIFAR-10 in the Hub's parquet layout (read-only), beside the checkout: ../shared/data/cifar10, or where
+# MRL_CIFAR10 points.
+CIFAR10 = Path(os.environ.get("MRL_CIFAR10", ROOT.parent / "shared" / "data" / "cifar10"))
 
 # A fast supervised run on scikit-learn's embedded digits: ResNet-18 with the CIFAR stem at 8x8 px.
 DIGITS_FAST = ["--dataset", "digits", "--image_size", "8", "--batch_size", "32", "--grad_accum_steps", "1",
