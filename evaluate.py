@@ -69,6 +69,10 @@ def get_args_parser():
                        help="cut-offs k of mAP@k and precision@k (the MRL paper reports mAP@10)")
     group.add_argument("--shortlist", type=int, default=200,
                        help="adaptive retrieval: candidates kept by the small prefix for re-ranking at full dim")
+    group.add_argument("--index", default="exact", choices=("exact", "hnsw"),
+                       help="adaptive retrieval's search: exact (brute force in torch) or hnsw (faiss HNSW graphs over "
+                            "each shortlist prefix and over the full embedding, as the MRL paper timed it; for large "
+                            "databases)")
     group.add_argument("--pca", action=argparse.BooleanOptionalAction, default=True,
                        help="also evaluate the PCA baseline (PCA of the full train embedding reduced to each d)")
     group = parser.add_argument_group("run and outputs")
@@ -279,7 +283,7 @@ def evaluate_run(args, features, eval_split, heads, dims, num_classes, device, l
     start = time.perf_counter()
     k = args.retrieval_k[0]
     funnel = adaptive_retrieval(train_x, train_y, eval_x, eval_y, dims, eval_x.shape[1], args.shortlist, k,
-                                device=device)
+                                device=device, index=args.index)
     timings["adaptive_retrieval"] = time.perf_counter() - start
     log("  ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
     return {"dims": dims, "per_dim": [rows[d] for d in sorted(rows)], "adaptive_classification": adaptive,
@@ -307,8 +311,9 @@ def protocols(args):
         "adaptive_classification": "cascade from the smallest dim up, stop when the max softmax probability "
                                    "reaches the threshold; accuracy vs expected dims (heads, and the probes)",
         "adaptive_retrieval": f"shortlist {args.shortlist} by the d_s prefix, re-rank by the full embedding; "
-                              "wall-clock per query of exact torch search on this machine (median of 3 runs over "
-                              "up to 2000 queries) vs full-dim exact search",
+                              f"wall-clock per query ({'faiss HNSW' if args.index == 'hnsw' else 'exact torch'} "
+                              "search on this machine, median of 3 runs over up to 2000 queries) vs full-dim search "
+                              "with the same kind of index",
     }
     return {name: text for name, text in described.items() if name != "pca" or args.pca}
 

@@ -23,6 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mrl import UserError
+
 
 def normalized_prefix(x, d):
     """The first d features of each row, L2-normalized (after slicing), as float32."""
@@ -81,17 +83,42 @@ def neighbor_metrics(train_x, train_y, eval_x, eval_y, dims, num_classes, knn_k=
     return results
 
 
+class HNSWIndex:
+    """An approximate inner-product index (faiss's HNSW graph), the kind of index the MRL paper timed adaptive
+    retrieval with; for databases too large for exact search. `search` returns top-k indices like exact search.
+    Rows must be L2-normalized (inner product = cosine)."""
+
+    def __init__(self, database, neighbors=32, ef_search=128):
+        try:
+            import faiss
+        except ImportError:
+            raise UserError("--index hnsw needs faiss: pip install faiss-cpu (or faiss-gpu)") from None
+        self.index = faiss.IndexHNSWFlat(database.shape[1], neighbors, faiss.METRIC_INNER_PRODUCT)
+        self.ef_search = ef_search
+        self.index.add(database.float().cpu().numpy())
+
+    def search(self, queries, k):
+        self.index.hnsw.efSearch = max(self.ef_search, k)  # the candidate list must hold at least k
+        _, ids = self.index.search(queries.float().cpu().numpy(), k)
+        # -1 marks a slot the graph search could not fill (rare, with efSearch >= k): repeat the best hit instead
+        ids = torch.from_numpy(ids)
+        return torch.where(ids < 0, ids[:, :1], ids).to(queries.device)
+
+
 def funnel_search(queries_small, database_small, queries_large, database_large, shortlist, k, chunk=256,
-                  rerank_chunk=8):
+                  rerank_chunk=8, index=None):
     """Adaptive retrieval: the `shortlist` nearest by the small prefix, re-ranked by the large one; top-k indices.
 
-    The shortlist comes from one matmul per `chunk` queries; the re-ranking gathers each query's candidates, a
-    few queries at a time so that the gathered rows stay in cache."""
+    The shortlist comes from one matmul per `chunk` queries (or from `index`, e.g. an HNSWIndex over
+    database_small); the re-ranking gathers each query's candidates, a few queries at a time so that the gathered
+    rows stay in cache."""
     shortlist = min(shortlist, len(database_small))
     k = min(k, shortlist)
     out = []
     for start in range(0, len(queries_small), chunk):
-        _, candidates = (queries_small[start:start + chunk] @ database_small.T).topk(shortlist, dim=1)
+        queries = queries_small[start:start + chunk]
+        candidates = (index.search(queries, shortlist) if index is not None
+                      else (queries @ database_small.T).topk(shortlist, dim=1).indices)
         for sub in range(0, len(candidates), rerank_chunk):
             ids = candidates[sub:sub + rerank_chunk]
             gathered = database_large.index_select(0, ids.flatten()).view(*ids.shape, -1)
@@ -106,13 +133,14 @@ def exact_search(queries, database, k, chunk=256):
 
 
 def adaptive_retrieval(train_x, train_y, eval_x, eval_y, shortlist_dims, rerank_dim, shortlist=200, k=10,
-                       repeats=3, timing_queries=2000, device=None):
+                       repeats=3, timing_queries=2000, device=None, index="exact"):
     """Funnel retrieval for each shortlist dim d_s: shortlist with d_s, re-rank with `rerank_dim`.
 
     Reports its precision@k, mAP@k and top-1 over all queries, and the wall-clock time per query (the median of
-    `repeats` timed runs over the first `timing_queries` queries, after the untimed full run), next to exact
-    brute-force search at `rerank_dim` measured the same way. Normalizing the database prefixes is index
-    building and is not timed; normalizing the queries is.
+    `repeats` timed runs over the first `timing_queries` queries, after the untimed full run), next to a search at
+    `rerank_dim` measured the same way. `index="exact"` searches by brute force; "hnsw" shortlists with an HNSW
+    index over each d_s prefix and compares with HNSW at `rerank_dim`, as the MRL paper did. Normalizing the
+    database prefixes and building the indices is index building and is not timed; normalizing the queries is.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_y, eval_y = train_y.to(device), eval_y.to(device)
@@ -134,7 +162,11 @@ def adaptive_retrieval(train_x, train_y, eval_x, eval_y, shortlist_dims, rerank_
             times.append(time.perf_counter() - start)
         return result, sorted(times)[len(times) // 2] / len(timed_queries)
 
-    full_index, full_seconds = run(lambda q: exact_search(normalized_prefix(q, rerank_dim), database_large, k))
+    if index == "hnsw":
+        full_hnsw = HNSWIndex(database_large)
+        full_index, full_seconds = run(lambda q: full_hnsw.search(normalized_prefix(q, rerank_dim), k))
+    else:
+        full_index, full_seconds = run(lambda q: exact_search(normalized_prefix(q, rerank_dim), database_large, k))
     full = retrieval_metrics(train_y[full_index], eval_y, train_y, k)
     rows = [{"shortlist_dim": rerank_dim, "rerank_dim": rerank_dim, "shortlist": None, "ms_per_query":
              1000 * full_seconds, "speedup": 1.0, "flops_ratio": 1.0, **_prefixed(full, k)}]
@@ -143,12 +175,14 @@ def adaptive_retrieval(train_x, train_y, eval_x, eval_y, shortlist_dims, rerank_
         if d >= rerank_dim:
             continue
         database_small = normalized_prefix(train_x, d)
-        index, seconds = run(lambda q, d=d, database_small=database_small: funnel_search(
-            normalized_prefix(q, d), database_small, normalized_prefix(q, rerank_dim), database_large, shortlist, k))
+        small_index = HNSWIndex(database_small) if index == "hnsw" else None
+        found, seconds = run(lambda q, d=d, database_small=database_small, small_index=small_index: funnel_search(
+            normalized_prefix(q, d), database_small, normalized_prefix(q, rerank_dim), database_large, shortlist, k,
+            index=small_index))
         s = min(shortlist, n)
         rows.append({"shortlist_dim": d, "rerank_dim": rerank_dim, "shortlist": s, "ms_per_query": 1000 * seconds,
                      "speedup": full_seconds / seconds, "flops_ratio": (n * rerank_dim) / (n * d + s * rerank_dim),
-                     **_prefixed(retrieval_metrics(train_y[index], eval_y, train_y, k), k)})
+                     **_prefixed(retrieval_metrics(train_y[found], eval_y, train_y, k), k)})
     return rows
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from mrl.retrieval import (adaptive_retrieval, exact_search, funnel_search, knn_predict, nearest_neighbors,
+from mrl.retrieval import (HNSWIndex, adaptive_retrieval, exact_search, funnel_search, knn_predict, nearest_neighbors,
                            neighbor_metrics, normalized_prefix, retrieval_metrics)
 
 
@@ -137,3 +137,19 @@ def test_adaptive_retrieval_reports_quality_and_time(digits):
         assert r["ms_per_query"] > 0 and r["speedup"] > 0
         assert r["flops_ratio"] == pytest.approx(1200 * 64 / (1200 * r["shortlist_dim"] + 100 * 64))
         assert r["map@10"] > small["map@10"]  # re-ranking at the full dim beats searching with d_s alone
+
+
+def test_hnsw_index_finds_the_exact_neighbours_and_funnels_like_exact_search(digits):
+    database, db_labels, queries, q_labels = digits
+    small_db, small_q = normalized_prefix(database, 16), normalized_prefix(queries, 16)
+    exact = exact_search(small_q, small_db, 10)
+    approximate = HNSWIndex(small_db).search(small_q, 10)
+    recall = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approximate, exact)) / exact.numel()
+    assert recall > 0.95, recall
+    exact_rows = adaptive_retrieval(database, db_labels, queries, q_labels, [8, 16], 64, shortlist=100, k=10,
+                                    repeats=1)
+    hnsw_rows = adaptive_retrieval(database, db_labels, queries, q_labels, [8, 16], 64, shortlist=100, k=10,
+                                   repeats=1, index="hnsw")
+    assert [r["shortlist_dim"] for r in hnsw_rows] == [64, 8, 16]
+    for e, h in zip(exact_rows, hnsw_rows):
+        assert abs(e["map@10"] - h["map@10"]) < 0.02 and h["map@10"] > 0.5  # chance: about 0.1
