@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import time
 
 import datasets
 import torch
@@ -41,7 +42,7 @@ from mrl.data import Collate, ImageTransform, attach_transforms, build_transform
 from mrl.ema import EMA
 from mrl.features import embed
 from mrl.guards import LossGuard, Preemption
-from mrl.loop import after_optimizer_step, epoch_batches, log_train_losses, report_skipped_images
+from mrl.loop import after_optimizer_step, end_epoch, epoch_batches, log_train_losses
 from mrl.losses import MatryoshkaLoss, byol_loss, dim_weights, nt_xent_loss, relic_loss
 from mrl.models import build_backbone, check_dims, default_dims
 from mrl.projectors import NEST, Projector, predictor
@@ -387,6 +388,7 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
     unwrapped = accelerator.unwrap_model(model)
     generator = torch.Generator(device=accelerator.device) if gpu_augment else None
     channels_last = args.memory_format == "channels_last"
+    start = time.perf_counter()
     batches, progress = epoch_batches(accelerator, train_loader, train_transform, state, epoch, args.epochs)
     group_losses, skipped, loaded = [], 0, 0
     guard = LossGuard(accelerator.device)  # NaN/inf loss: checked before logging and saving, no sync per step
@@ -422,7 +424,7 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
         after_optimizer_step(args, accelerator, state, guard, preemption)
     progress.close()
     guard.check(accelerator)
-    report_skipped_images(accelerator, skipped, loaded, epoch, state.step)
+    end_epoch(accelerator, skipped, loaded, epoch, state.step, time.perf_counter() - start)
 
 
 def training_step(accelerator, model, optimizer, views, lr, max_grad_norm, step):

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import time
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +27,7 @@ from mrl import UserError, cli, plots
 from mrl.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
 from mrl.data import Collate, attach_transforms, get_preset, load_splits
 from mrl.guards import LossGuard, Preemption
-from mrl.loop import after_optimizer_step, epoch_batches, log_train_losses, report_skipped_images
+from mrl.loop import after_optimizer_step, end_epoch, epoch_batches, log_train_losses
 from mrl.losses import dim_weights, per_head_cross_entropy
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
 from mrl.schedules import exponential_schedule
@@ -160,6 +161,7 @@ def main(args):
 def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, dims, loss_weights,
                     lr_schedule, state, epoch, preemption):
     model.train()
+    start = time.perf_counter()
     batches, progress = epoch_batches(accelerator, train_loader, train_transform, state, epoch, args.epochs)
     group_losses, skipped, loaded = [], 0, 0
     guard = LossGuard(accelerator.device)
@@ -186,7 +188,7 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
         after_optimizer_step(args, accelerator, state, guard, preemption)
     progress.close()
     guard.check(accelerator)
-    report_skipped_images(accelerator, skipped, loaded, epoch, state.step)
+    end_epoch(accelerator, skipped, loaded, epoch, state.step, time.perf_counter() - start)
 
 
 def training_step(accelerator, model, optimizer, batch, loss_weights, lr, max_grad_norm):

@@ -36,17 +36,19 @@ def after_optimizer_step(args, accelerator, state, guard, preemption):
                         "--resume_from_checkpoint latest to continue")
 
 
-def report_skipped_images(accelerator, skipped, loaded, epoch, step):
-    """Log how many unreadable images all processes skipped this epoch (this process: `skipped`, a count that may
-    live on the device to avoid a sync per batch, besides the `loaded` readable ones), and stop with a clear
-    message when no image at all could be read."""
+def end_epoch(accelerator, skipped, loaded, epoch, step, seconds):
+    """Log the epoch's throughput and how many unreadable images all processes skipped (this process: `skipped`, a
+    count that may live on the device to avoid a sync per batch, besides the `loaded` readable ones), and stop with a
+    clear message when no image at all could be read. `seconds`: this process's wall-clock for the epoch, data
+    loading included (after a mid-epoch resume, for the part it trained)."""
     counts = torch.stack([torch.as_tensor(skipped).cpu(), torch.as_tensor(loaded)]).to(accelerator.device)
     skipped, loaded = (int(c) for c in accelerator.reduce(counts, "sum").tolist())
     if skipped and not loaded:
         raise UserError(f"none of the {skipped} training images loaded this epoch could be read (corrupt or empty files?)")
-    if skipped:
-        accelerator.print(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
-        accelerator.log({"data/skipped_images": skipped}, step=step)
+    accelerator.print(f"epoch {epoch + 1}: {loaded} images in {seconds:.1f} s ({loaded / seconds:,.0f} img/s)"
+                      + (f", skipped {skipped} unreadable images" if skipped else ""))
+    accelerator.log({"train/epoch_seconds": seconds, "train/images_per_second": loaded / seconds,
+                     **({"data/skipped_images": skipped} if skipped else {})}, step=step)
 
 
 def log_train_losses(accelerator, progress, state, epoch, steps_in_epoch, dims, weights, group_losses, lr, **extra):

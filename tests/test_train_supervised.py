@@ -59,6 +59,11 @@ def test_wandb_history_has_per_head_accuracy_lr_and_a_monotonic_step(trained):
     lr = {r["_step"]: r["train/lr"] for r in rows if "train/lr" in r}
     assert lr[1] == lr[23] == pytest.approx(2e-3) and lr[24] == lr[46] == pytest.approx(2e-3 * 0.85)
     assert all(f"train/loss_d{d}" in rows[0] for d in DIMS)
+    # throughput per epoch, logged at the epoch's last step: images / seconds over every image of the split
+    speed = [r for r in rows if "train/images_per_second" in r]
+    assert [r["_step"] for r in speed] == [23, 46] and all(r["train/epoch_seconds"] > 0 for r in speed)
+    images = {round(r["train/images_per_second"] * r["train/epoch_seconds"]) for r in speed}
+    assert len(images) == 1 and 44 * 32 < images.pop() <= 45 * 32
     media = run_dirs(tmp / "wandb")[0] + "/files/media"
     assert list((tmp / "wandb").glob("wandb/offline-run-*/files/media/table/accuracy_per_dim*.table.json"))
     assert list((tmp / "wandb").glob("wandb/offline-run-*/files/media/images/embeddings/pca*.png")), media
