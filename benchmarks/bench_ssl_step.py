@@ -182,7 +182,7 @@ def main(args):
         seed_wheel(args.seed_wheel_dir)  # download once, before any timing
     results = {side: [] for side in sides}
     per_cpu_s = {side: [] for side in sides}
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker")]
+    passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker")] + ["--seed_wheel_dir", args.seed_wheel_dir]
     for _ in range(args.rounds):
         for side in sides:
             out = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, "--worker", side],
@@ -214,4 +214,5 @@ def main(args):
 
 if __name__ == "__main__":
     parsed = get_args_parser().parse_args()
+    parsed.seed_wheel_dir = os.path.abspath(parsed.seed_wheel_dir)  # main passes it on, absolute, to the workers
     worker(parsed) if parsed.worker else main(parsed)

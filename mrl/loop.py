@@ -45,7 +45,7 @@ def end_epoch(accelerator, skipped, loaded, epoch, step, seconds):
     skipped, loaded = (int(c) for c in accelerator.reduce(counts, "sum").tolist())
     if skipped and not loaded:
         raise UserError(f"none of the {skipped} training images loaded this epoch could be read (corrupt or empty files?)")
-    accelerator.print(f"epoch {epoch + 1}: {loaded} images in {seconds:.1f} s ({loaded / seconds:,.0f} img/s)"
+    accelerator.print(f"epoch {epoch + 1}: {loaded} images in {seconds:.1f} s ({loaded / seconds:,.1f} img/s)"
                       + (f", skipped {skipped} unreadable images" if skipped else ""))
     accelerator.log({"train/epoch_seconds": seconds, "train/images_per_second": loaded / seconds,
                      **({"data/skipped_images": skipped} if skipped else {})}, step=step)
