@@ -32,8 +32,6 @@ import datasets
 import torch
 import torch.nn as nn
 import torchvision.transforms as T
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from mrl import UserError, cli, plots
 from mrl.augment import BatchAugment, batch_seed, ssl_augmentation
@@ -42,7 +40,7 @@ from mrl.data import Collate, ImageTransform, attach_transforms, build_transform
 from mrl.ema import EMA
 from mrl.features import embed
 from mrl.guards import LossGuard, Preemption
-from mrl.loop import after_optimizer_step, end_epoch, epoch_batches, log_train_losses
+from mrl.loop import after_optimizer_step, build_accelerator, end_epoch, epoch_batches, log_train_losses
 from mrl.losses import MatryoshkaLoss, byol_loss, dim_weights, nt_xent_loss, relic_loss
 from mrl.models import build_backbone, check_dims, default_dims
 from mrl.projectors import NEST, Projector, predictor
@@ -229,21 +227,14 @@ def main(args):
     cli.resolve_run_args(args, f"ssl_{args.method}")
     check_args(args)
 
-    # split_batches: --batch_size is the global batch, so a run means the same thing on 1 or 8 processes.
-    # The seedable sampler makes each epoch's order a function of (seed, epoch), which exact resume relies on.
     if args.fp16_precision and not torch.cuda.is_available():
         raise UserError("--fp16_precision needs a CUDA GPU; on the CPU train in fp32 (or bf16 via `accelerate launch "
                         "--mixed_precision bf16`)")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.grad_accum_steps, mixed_precision="fp16" if args.fp16_precision else None,
-        log_with="wandb" if args.report_to == "wandb" else None,
-        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed))
-    if args.batch_size % accelerator.num_processes:
-        raise UserError(f"--batch_size {args.batch_size} cannot be split evenly over {accelerator.num_processes} processes")
+    # --batch_size is the global batch, split over the processes
+    accelerator = build_accelerator(args, mixed_precision="fp16" if args.fp16_precision else None)
     if args.batch_size // accelerator.num_processes < 2:
         raise UserError(f"--batch_size {args.batch_size} gives {args.batch_size // accelerator.num_processes} image(s) "
                         f"per process; the {args.method} loss compares images within a batch and needs at least 2")
-    set_seed(args.seed)
     preemption = Preemption()
     resuming = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) is not None
     cli.check_output_dir(args, resuming=resuming, is_main=accelerator.is_main_process)

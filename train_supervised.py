@@ -20,14 +20,12 @@ import os
 import time
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from mrl import UserError, cli, plots
 from mrl.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
 from mrl.data import Collate, attach_transforms, get_preset, load_splits
 from mrl.guards import LossGuard, Preemption
-from mrl.loop import after_optimizer_step, end_epoch, epoch_batches, log_train_losses
+from mrl.loop import after_optimizer_step, build_accelerator, end_epoch, epoch_batches, log_train_losses
 from mrl.losses import dim_weights, per_head_cross_entropy
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
 from mrl.schedules import exponential_schedule
@@ -68,15 +66,7 @@ def main(args):
     args.image_size = args.image_size or preset.image_size
     cli.resolve_run_args(args, "supervised_baseline" if args.baseline else "supervised")
 
-    # split_batches: --batch_size is the global batch, so a run means the same thing on 1 or 8 processes.
-    # The seedable sampler makes each epoch's order a function of (seed, epoch), which exact resume relies on.
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.grad_accum_steps,
-        log_with="wandb" if args.report_to == "wandb" else None,
-        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed))
-    if args.batch_size % accelerator.num_processes:
-        raise UserError(f"--batch_size {args.batch_size} cannot be split evenly over {accelerator.num_processes} processes")
-    set_seed(args.seed)
+    accelerator = build_accelerator(args)  # --batch_size is the global batch, split over the processes
     preemption = Preemption()
     resuming = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) is not None
     cli.check_output_dir(args, resuming=resuming, is_main=accelerator.is_main_process)

@@ -2,11 +2,30 @@
 resume, progress, unreadable-image counts, and what happens after an optimizer step (checkpoint, preemption)."""
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from mrl import UserError
 from mrl.checkpoint import save_checkpoint
 from mrl.guards import Preempted
+
+
+def build_accelerator(args, mixed_precision=None):
+    """The Accelerator both training scripts run under (mixed precision and processes from `accelerate launch`),
+    after checking that --batch_size splits evenly over the processes; seeds every RNG with --seed.
+
+    split_batches: --batch_size is the global batch, so a run means the same thing on 1 or 8 processes. The seedable
+    sampler makes each epoch's order a function of (seed, epoch), which exact resume relies on.
+    """
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.grad_accum_steps, mixed_precision=mixed_precision,
+        log_with="wandb" if args.report_to == "wandb" else None,
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed))
+    if args.batch_size % accelerator.num_processes:
+        raise UserError(f"--batch_size {args.batch_size} cannot be split evenly over {accelerator.num_processes} processes")
+    set_seed(args.seed)
+    return accelerator
 
 
 def epoch_batches(accelerator, train_loader, train_transform, state, epoch, epochs):

@@ -28,10 +28,7 @@ def pca_scatter(embeddings, labels, dims, class_names, path, title="PCA of embed
     if len(class_names) <= 20:
         axes[0][-1].legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def accuracy_vs_dim(curves, path, ylabel="accuracy", title="Accuracy against embedding dim"):
@@ -43,12 +40,7 @@ def accuracy_vs_dim(curves, path, ylabel="accuracy", title="Accuracy against emb
     ax.set_xlabel("embedding dim d (prefix)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, ax)
 
 
 def adaptive_classification(cascades, fixed, path, title="Adaptive classification (cascade over dims)"):
@@ -64,12 +56,7 @@ def adaptive_classification(cascades, fixed, path, title="Adaptive classificatio
     ax.set_xlabel("expected dims per sample")
     ax.set_ylabel("top-1 accuracy")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, ax, legend_fontsize=7)
 
 
 def adaptive_retrieval(points, path, metric, title="Adaptive retrieval: shortlist with d_s, rerank with full d"):
@@ -86,8 +73,14 @@ def adaptive_retrieval(points, path, metric, title="Adaptive retrieval: shortlis
     ax.set_xlabel("measured speedup over exact full-dim search (x)")
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    return _save(fig, path, ax, legend_fontsize=7)
+
+
+def _save(fig, path, ax=None, legend_fontsize=None):
+    """Grid and legend on a line plot's axes (when given), then write the PNG and free the figure."""
+    if ax is not None:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_fontsize)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
