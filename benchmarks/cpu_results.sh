@@ -2,7 +2,7 @@
 # CPU-sized results for the README: CIFAR-10 (the copy in ../shared/data/cifar10) at 16x16 px on a 5,000-image
 # train subset, ResNet-18 with the CIFAR stem. Supervised MRL vs MRL-E vs the single-head baseline, and ReLIC + MRL,
 # each evaluated per dim (probe, kNN, retrieval, PCA) by evaluate.py on the 10,000-image test split.
-# About an hour on 2 CPU cores. Usage: bash benchmarks/cpu_results.sh [output folder, default runs/cpu_results]
+# 84 minutes on 2 CPU cores (shared with other jobs). Usage: bash benchmarks/cpu_results.sh [output folder, default runs/cpu_results]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/cpu_results}
