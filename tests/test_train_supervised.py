@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_supervised
 from conftest import DIGITS_FAST, run_script
 from test_data import make_image_folder
 from mrl.checkpoint import load_model
@@ -93,12 +94,16 @@ def test_resume_mid_epoch_continues_exactly(trained):
 
 
 def test_baseline_has_one_full_width_head_and_tied_heads_share_weights(tmp_path):
-    common = [*DIGITS_FAST, "--epochs", 1, "--max_train_samples", 320, "--checkpointing_steps", "1000"]
-    run_script("train_supervised.py", *common, "--baseline", "--output_dir", tmp_path / "base", tmp_path=tmp_path)
+    common = [*DIGITS_FAST, "--epochs", 1, "--max_train_samples", 320, "--max_eval_samples", 64,
+              "--checkpointing_steps", "1000", "--report_to", "none"]
+
+    def train(*argv):  # in-process, as the script's __main__ runs it (a subprocess would add seconds of imports)
+        train_supervised.main(train_supervised.get_args_parser().parse_args([str(a) for a in [*common, *argv]]))
+
+    train("--baseline", "--output_dir", tmp_path / "base")
     config = json.loads((tmp_path / "base" / "config.json").read_text())
     assert config["heads"]["dims"] == [512] and config["heads"]["baseline"]
-    run_script("train_supervised.py", *common, "--tied", "--dims", "8,64,512", "--output_dir", tmp_path / "tied",
-               tmp_path=tmp_path)
+    train("--tied", "--dims", "8,64,512", "--output_dir", tmp_path / "tied")
     weights = load_file(tmp_path / "tied" / "model.safetensors")
     assert {k for k in weights if k.startswith("heads.")} == {"heads.classifier.weight", "heads.classifier.bias"}
     assert json.loads((tmp_path / "tied" / "metrics.json").read_text())["dims"] == [8, 64, 512]
