@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/README.md in one command that fits a short lease of a GPU machine (about 7 minutes
 # on an H100/H200; each part has its own time limit, so one failure does not cost the others). It writes a log and
-# one JSON/text file per part to $OUT (default: runs/gpu_session).
+# one text file per part to $OUT (default: runs/gpu_session).
 #
 #   1. env       GPU, driver, torch/accelerate/datasets versions
 #   2. step      ReLIC + MRL training step, ResNet-18, batch 256, data already on the GPU (the ceiling): ours vs

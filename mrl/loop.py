@@ -1,5 +1,6 @@
-"""The bookkeeping both training scripts share around their own training step: where an epoch starts after a
-resume, progress, unreadable-image counts, and what happens after an optimizer step (checkpoint, preemption)."""
+"""The bookkeeping both training scripts share around their own training step: the Accelerator they run under,
+where an epoch starts after a resume, progress, throughput and unreadable-image counts, and what happens after an
+optimizer step (checkpoint, preemption)."""
 
 import torch
 from accelerate import Accelerator
