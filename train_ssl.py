@@ -40,7 +40,8 @@ from mrl.data import Collate, ImageTransform, attach_transforms, build_transform
 from mrl.ema import EMA
 from mrl.features import embed
 from mrl.guards import LossGuard, Preemption
-from mrl.loop import after_optimizer_step, build_accelerator, end_epoch, epoch_batches, log_train_losses
+from mrl.loop import (after_optimizer_step, build_accelerator, count_batch, end_epoch, epoch_batches,
+                      log_train_losses)
 from mrl.losses import MatryoshkaLoss, byol_loss, dim_weights, nt_xent_loss, relic_loss
 from mrl.models import build_backbone, check_dims, default_dims
 from mrl.projectors import NEST, Projector, predictor
@@ -396,14 +397,9 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         loss, per_dim, gamma = training_step(accelerator, model, optimizer, views, float(lr_schedule[state.step]),
                                              args.max_grad_norm, state.step)
-        guard.update(loss, state.step + 1)
         group_losses.append(per_dim)
-        state.batch_in_epoch += 1
-        progress.update(1)
-        if not accelerator.sync_gradients:
-            continue
-        state.step += 1
-        state.skipped_steps += accelerator.optimizer_step_was_skipped  # fp16: the grad scaler skipped this step
+        if not count_batch(accelerator, state, guard, progress, loss):
+            continue  # mid accumulation group
         if state.step % args.log_every == 0:
             guard.check(accelerator)
             extra = {"train/ema_gamma": gamma} if gamma is not None else {}

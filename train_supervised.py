@@ -25,7 +25,8 @@ from mrl import UserError, cli, plots
 from mrl.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
 from mrl.data import Collate, attach_transforms, get_preset, load_splits
 from mrl.guards import LossGuard, Preemption
-from mrl.loop import after_optimizer_step, build_accelerator, end_epoch, epoch_batches, log_train_losses
+from mrl.loop import (after_optimizer_step, build_accelerator, count_batch, end_epoch, epoch_batches,
+                      log_train_losses)
 from mrl.losses import dim_weights, per_head_cross_entropy
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
 from mrl.schedules import exponential_schedule
@@ -162,14 +163,9 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
             continue
         loss, per_dim = training_step(accelerator, model, optimizer, batch, loss_weights,
                                       float(lr_schedule[state.step]), args.max_grad_norm)
-        guard.update(loss, state.step + 1)
         group_losses.append(per_dim)
-        state.batch_in_epoch += 1
-        progress.update(1)
-        if not accelerator.sync_gradients:
-            continue
-        state.step += 1
-        state.skipped_steps += accelerator.optimizer_step_was_skipped  # fp16: the grad scaler skipped this step
+        if not count_batch(accelerator, state, guard, progress, loss):
+            continue  # mid accumulation group
         if state.step % args.log_every == 0:
             guard.check(accelerator)
             log_train_losses(accelerator, progress, state, epoch, len(train_loader), dims, loss_weights, group_losses,

@@ -43,6 +43,20 @@ def epoch_batches(accelerator, train_loader, train_transform, state, epoch, epoc
     return batches, progress
 
 
+def count_batch(accelerator, state, guard, progress, loss):
+    """Bookkeeping after each forward/backward pass: the loss goes to the NaN guard, the batch to the resume position
+    and the progress bar; at the end of an accumulation group the optimizer step is counted (and, with fp16, whether
+    the grad scaler skipped it). Returns whether an optimizer step was taken."""
+    guard.update(loss, state.step + 1)
+    state.batch_in_epoch += 1
+    progress.update(1)
+    if not accelerator.sync_gradients:
+        return False
+    state.step += 1
+    state.skipped_steps += accelerator.optimizer_step_was_skipped
+    return True
+
+
 def after_optimizer_step(args, accelerator, state, guard, preemption):
     """Save a checkpoint every --checkpointing_steps steps; on a preemption signal save one and stop the run.
     The loss guard is checked first, so a diverged model never replaces the last good checkpoint."""
