@@ -10,7 +10,7 @@ prefix is a representation on its own: evaluate.py truncates z to d dims and pro
   byol    BYOL: online predictor regresses the EMA target's projection (normalized MSE)
 
 The defaults reproduce mrl-pytorch's CIFAR-10 run (ResNet-18, batch 256, Adam lr 3e-4 wd 1e-5, 100 epochs, projector
-to 64, dims 8..512, EMA gamma 0.99 raised to 1 on a cosine schedule, no LR schedule), with its bugs fixed (see the
+to 64, dims 8..512, EMA gamma 0.995 raised to 1 on a cosine schedule, no LR schedule), with its bugs fixed (see the
 README: the loss is nested on the backbone output that evaluation truncates, BatchNorm trains in train mode, resume is
 exact). mrl-pytorch's flag names are accepted too (--dataset_name, --num_epochs, --gamma, ...).
 
@@ -40,8 +40,8 @@ from mrl.data import Collate, ImageTransform, attach_transforms, build_transform
 from mrl.ema import EMA
 from mrl.features import embed
 from mrl.guards import LossGuard, Preemption
-from mrl.loop import (after_optimizer_step, build_accelerator, count_batch, end_epoch, epoch_batches,
-                      log_train_losses)
+from mrl.loop import (accumulation_scale, after_optimizer_step, build_accelerator, count_batch, end_epoch,
+                      epoch_batches, log_train_losses)
 from mrl.losses import MatryoshkaLoss, byol_loss, dim_weights, nt_xent_loss, relic_loss
 from mrl.models import build_backbone, check_dims, default_dims
 from mrl.projectors import NEST, Projector, predictor
@@ -74,8 +74,9 @@ def get_args_parser():
     group.add_argument("--max_temperature", type=float, default=5.0,
                        help="relic: clamp of the learnable logit scale exp(t), which starts at 1 (mrl-pytorch: 5)")
     group.add_argument("--temperature", type=float, default=0.5, help="simclr: NT-Xent temperature")
-    group.add_argument("--ema_momentum", type=float, default=0.99,
-                       help="relic, byol: target EMA momentum gamma at the start, raised to 1 on a cosine schedule")
+    group.add_argument("--ema_momentum", type=float, default=0.995,
+                       help="relic, byol: target EMA momentum gamma at the start, raised to 1 on a cosine schedule "
+                            "(mrl-pytorch: --gamma 0.995, its run_training.py default)")
     group.add_argument("--ema_copy_until", type=int, default=1,
                        help="relic, byol: the target is a copy of the online network up to this optimizer step")
     group.add_argument("--ema_every", type=int, default=1, help="relic, byol: move the target every N optimizer steps")
@@ -395,8 +396,9 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
             views = [gpu_augment(views, generator), gpu_augment(views, generator)]
         if channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        loss, per_dim, gamma = training_step(accelerator, model, optimizer, views, float(lr_schedule[state.step]),
-                                             args.max_grad_norm, state.step)
+        loss, per_dim, gamma = training_step(
+            accelerator, model, optimizer, views, float(lr_schedule[state.step]), args.max_grad_norm, state.step,
+            accumulation_scale(state.batch_in_epoch, len(train_loader), args.grad_accum_steps))
         group_losses.append(per_dim)
         if not count_batch(accelerator, state, guard, progress, loss):
             continue  # mid accumulation group
@@ -414,15 +416,15 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
     end_epoch(accelerator, skipped, loaded, epoch, state.step, time.perf_counter() - start)
 
 
-def training_step(accelerator, model, optimizer, views, lr, max_grad_norm, step):
+def training_step(accelerator, model, optimizer, views, lr, max_grad_norm, step, scale=1.0):
     """One forward and backward pass on the two views. At the end of an accumulation group the optimizer steps at
-    `lr` (after clipping) and then the EMA target moves: once per optimizer step, not per micro-batch. Returns the
-    loss and the per-dim losses, detached, and the target's momentum at optimizer step `step` (None on micro-batches
-    that do not step, and for SimCLR)."""
+    `lr` (after clipping) and then the EMA target moves: once per optimizer step, not per micro-batch. `scale`
+    multiplies the loss in backward (see loop.accumulation_scale). Returns the loss and the per-dim losses, detached,
+    and the target's momentum at optimizer step `step` (None on micro-batches that do not step, and for SimCLR)."""
     gamma = None
     with accelerator.accumulate(model):
         loss, per_dim = model(*views)
-        accelerator.backward(loss)
+        accelerator.backward(loss * scale if scale != 1.0 else loss)
         if accelerator.sync_gradients:
             for group in optimizer.param_groups:
                 group["lr"] = lr  # a Python float: a numpy scalar in the optimizer state would not reload

@@ -25,8 +25,8 @@ from mrl import UserError, cli, plots
 from mrl.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
 from mrl.data import Collate, attach_transforms, get_preset, load_splits
 from mrl.guards import LossGuard, Preemption
-from mrl.loop import (after_optimizer_step, build_accelerator, count_batch, end_epoch, epoch_batches,
-                      log_train_losses)
+from mrl.loop import (accumulation_scale, after_optimizer_step, build_accelerator, count_batch, end_epoch,
+                      epoch_batches, log_train_losses)
 from mrl.losses import dim_weights, per_head_cross_entropy
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
 from mrl.schedules import exponential_schedule
@@ -162,7 +162,8 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
             state.batch_in_epoch += 1
             continue
         loss, per_dim = training_step(accelerator, model, optimizer, batch, loss_weights,
-                                      float(lr_schedule[state.step]), args.max_grad_norm)
+                                      float(lr_schedule[state.step]), args.max_grad_norm,
+                                      accumulation_scale(state.batch_in_epoch, len(train_loader), args.grad_accum_steps))
         group_losses.append(per_dim)
         if not count_batch(accelerator, state, guard, progress, loss):
             continue  # mid accumulation group
@@ -177,14 +178,15 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
     end_epoch(accelerator, skipped, loaded, epoch, state.step, time.perf_counter() - start)
 
 
-def training_step(accelerator, model, optimizer, batch, loss_weights, lr, max_grad_norm):
+def training_step(accelerator, model, optimizer, batch, loss_weights, lr, max_grad_norm, scale=1.0):
     """One forward and backward pass; at the end of an accumulation group, the optimizer steps at `lr` after
-    clipping (once per step, not per micro-batch). Returns the loss and the per-head losses, detached."""
+    clipping (once per step, not per micro-batch). `scale` multiplies the loss in backward (see
+    loop.accumulation_scale). Returns the loss and the per-head losses, detached."""
     with accelerator.accumulate(model):
         _, logits = model(batch["pixel_values"])
         per_dim = per_head_cross_entropy(logits, batch["labels"])
         loss = (loss_weights * per_dim).sum()
-        accelerator.backward(loss)
+        accelerator.backward(loss * scale if scale != 1.0 else loss)
         if accelerator.sync_gradients:
             for group in optimizer.param_groups:
                 group["lr"] = lr  # a Python float: a numpy scalar in the optimizer state would not reload

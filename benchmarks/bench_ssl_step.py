@@ -108,7 +108,7 @@ def run_seed(args, as_shipped):
     optimizer = torch.optim.Adam(params, lr=3e-4, weight_decay=1e-5)
     fp16 = args.precision == "fp16"
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    gamma, base, total_steps = [0.99], 0.99, 100_000  # train.py: update_gamma(k, K, tau_base), cosine to 1
+    gamma, base, total_steps = [0.995], 0.995, 100_000  # train.py: update_gamma(k, K, tau_base), cosine to 1
 
     def step(x1, x2, global_step):
         with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
@@ -150,7 +150,7 @@ def run_ours(args, nest, memory_format):
     backbone = build_backbone("resnet18", args.image_size)
     projector = Projector(backbone.embed_dim, 512, 64, nest=nest)
     dims = default_dims(projector.nested_width)
-    model = SSLModel("relic", backbone, projector, dims, [1.0] * len(dims), cosine_schedule(0.99, 1.0, 1, 100_000))
+    model = SSLModel("relic", backbone, projector, dims, [1.0] * len(dims), cosine_schedule(0.995, 1.0, 1, 100_000))
     channels_last = memory_format == "channels_last"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

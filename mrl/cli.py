@@ -98,6 +98,8 @@ def resolve_run_args(args, script):
     args.run_name = args.run_name or os.path.basename(os.path.normpath(args.output_dir))
     if args.checkpointing_steps != "epoch" and not args.checkpointing_steps.isdigit():
         raise UserError(f"--checkpointing_steps must be 'epoch' or a number, got {args.checkpointing_steps!r}")
+    if not 0 <= args.seed < 2**32:  # numpy's generators (splits, shuffles) take 32-bit seeds
+        raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     for name in ("epochs", "batch_size"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name} must be at least 1")

@@ -274,6 +274,13 @@ def build_transform(augment, image_size, mean, std, train):
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 
+def sample_seed(seed, epoch, index):
+    """The seed of one sample's augmentation in one epoch. Reduced modulo 2**64 (torch.manual_seed's range), so
+    that every --seed works; for the seeds that fit without it (below 18447) the values are those of earlier
+    versions, so their runs resume with the same augmentations."""
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 64)
+
+
 class ImageTransform:
     """The callable given to `Dataset.set_transform`: decodes each image and applies `transform` to it.
 
@@ -296,7 +303,7 @@ class ImageTransform:
                 continue
             with torch.random.fork_rng(devices=[], enabled=self.seed is not None):
                 if self.seed is not None:
-                    torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + int(index))
+                    torch.manual_seed(sample_seed(self.seed, self.epoch, int(index)))
                 views = [self.transform(image) for _ in range(self.views)]
             samples.append(views[0] if self.views == 1 else views)
         return {"pixel_values": samples, "label": batch["label"]}

@@ -43,6 +43,18 @@ def epoch_batches(accelerator, train_loader, train_transform, state, epoch, epoc
     return batches, progress
 
 
+def accumulation_scale(batch_in_epoch, batches_in_epoch, accumulation_steps):
+    """The factor that makes an optimizer step the mean over the micro-batches its accumulation group really holds.
+
+    Accelerate divides every micro-batch's loss by --grad_accum_steps N and steps at the end of the epoch even when
+    its last group is incomplete (the groups start afresh each epoch); a last group of k < N micro-batches would
+    then step on k/N of the mean gradient. Multiplying that group's losses by N/k restores the mean.
+    `batch_in_epoch`: the index of the micro-batch about to be trained on.
+    """
+    group_start = batch_in_epoch - batch_in_epoch % accumulation_steps
+    return accumulation_steps / min(accumulation_steps, batches_in_epoch - group_start)
+
+
 def count_batch(accelerator, state, guard, progress, loss):
     """Bookkeeping after each forward/backward pass: the loss goes to the NaN guard, the batch to the resume position
     and the progress bar; at the end of an accumulation group the optimizer step is counted (and, with fp16, whether

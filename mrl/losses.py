@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mrl import UserError
+from mrl.distributed import gather, row_offset, world_size
 
 
 def dim_weights(dims, spec="uniform"):
@@ -33,8 +34,12 @@ class MatryoshkaLoss(nn.Module):
 
     def __init__(self, base_loss, dims, weights=None):
         super().__init__()
-        self.base_loss, self.dims = base_loss, sorted(dims)
-        self.register_buffer("weights", torch.tensor(weights or [1.0] * len(dims), dtype=torch.float32), persistent=False)
+        weights = [1.0] * len(dims) if weights is None else list(weights)
+        if len(weights) != len(dims):
+            raise ValueError(f"{len(weights)} weights for {len(dims)} dims")
+        order = sorted(range(len(dims)), key=lambda i: dims[i])  # each weight stays with its dim
+        self.base_loss, self.dims = base_loss, [dims[i] for i in order]
+        self.register_buffer("weights", torch.tensor([float(weights[i]) for i in order]), persistent=False)
 
     def forward(self, *embeddings, **kwargs):
         per_dim = torch.stack([self.base_loss(*(e[..., :d] for e in embeddings), **kwargs) for d in self.dims])
@@ -63,29 +68,44 @@ def relic_loss(online, target, log_temperature, alpha=1.0, max_temperature=5.0):
     embeddings). mrl-pytorch computes it as `kl_div(log_softmax(logits, 1), softmax(logits, 0).t())`; here both sides
     are log-probabilities (`log_target=True`), which is the same value and stable when a probability underflows.
     A bias added to the logits (as in SigLIP-style variants) would cancel in both softmaxes, so there is none.
+
+    On several processes the logits span the global batch: this process's rows against every process's targets
+    (the row softmax) and its targets against every process's online embeddings (the column softmax), gathered with
+    gradients (mrl.distributed), so the loss is the one-process loss of the whole batch. The similarities are
+    computed in float32 even under autocast: in bf16 the logits (up to 5) lose about three decimal digits.
     """
-    online, target = F.normalize(online.float(), dim=-1), F.normalize(target.float(), dim=-1)
-    scale = log_temperature.float().exp().clamp(0, max_temperature)
-    logits = online @ target.T * scale
-    labels = torch.arange(len(logits), device=logits.device)
-    instance = F.cross_entropy(logits, labels)
-    log_p = F.log_softmax(logits, dim=1)
-    log_q = F.log_softmax(logits, dim=0).T
-    invariance = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
+    with torch.autocast(online.device.type, enabled=False):
+        online, target = F.normalize(online.float(), dim=-1), F.normalize(target.float(), dim=-1)
+        scale = log_temperature.float().exp().clamp(0, max_temperature)
+        logits = online @ gather(target).T * scale  # (n, N): rows of the global logits
+        labels = row_offset(len(online)) + torch.arange(len(online), device=logits.device)
+        instance = F.cross_entropy(logits, labels)
+        log_p = F.log_softmax(logits, dim=1)
+        # columns of the global logits, transposed: target i against every online embedding
+        columns = logits.T if world_size() == 1 else target @ gather(online).T * scale
+        log_q = F.log_softmax(columns, dim=1)
+        invariance = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
     return instance + alpha * invariance
 
 
 def nt_xent_loss(z1, z2, temperature=0.5):
     """SimCLR's NT-Xent: each of the 2n embeddings must pick its other view among the 2n - 1 others, by cosine
-    similarity / temperature; mean cross-entropy over all 2n."""
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
-    n = len(z1)
-    logits = z @ z.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(logits, positives)
+    similarity / temperature; mean cross-entropy over all 2n. On several processes the candidates are every
+    process's embeddings, gathered with gradients (see relic_loss); the similarities are float32 under autocast."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+        n, device = len(z1), z1.device
+        candidates = torch.cat([gather(z1), gather(z2)])  # all view-1 rows, then all view-2 rows
+        total = len(candidates) // 2
+        logits = torch.cat([z1, z2]) @ candidates.T / temperature
+        rows = row_offset(n) + torch.arange(n, device=device)
+        own = torch.cat([rows, total + rows])  # each embedding's own column: not a candidate
+        logits = logits.masked_fill(F.one_hot(own, 2 * total).bool(), float("-inf"))
+        positives = torch.cat([total + rows, rows])
+        return F.cross_entropy(logits, positives)
 
 
 def byol_loss(prediction, target):
     """BYOL's normalized mean squared error, 2 - 2 cos(prediction, target), averaged over the batch."""
-    return (2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1)).mean()
+    with torch.autocast(prediction.device.type, enabled=False):
+        return (2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1)).mean()

@@ -60,6 +60,9 @@ class ResNet(nn.Module):
         net = getattr(torchvision.models, name)(weights=None)
         if cifar_stem:
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            # initialized like torchvision initializes every other conv of the ResNet (and as mrl-pytorch's
+            # encoders/models.py re-initializes its replaced first conv), not with nn.Conv2d's default
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
             net.maxpool = nn.Identity()
         self.embed_dim, self.cifar_stem = net.fc.in_features, cifar_stem
         net.fc = nn.Identity()

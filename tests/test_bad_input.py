@@ -125,6 +125,7 @@ def test_an_existing_run_is_not_overwritten(script, tmp_path):
     (["--dataset_path", "/nonexistent/data"], 1, "error: --dataset_path /nonexistent/data does not exist"),
     (["--checkpointing_steps", "often"], 1, "error: --checkpointing_steps must be 'epoch' or a number"),
     (["--epochs", "0"], 1, "error: --epochs must be at least 1"),
+    (["--seed", str(2**32)], 1, "error: --seed must be in 0..4294967295"),
     (["--val_fraction", "0.6", "--test_fraction", "0.5"], 1, "error: --val_fraction must be in (0, 1)"),
 ])
 def test_flags_that_cannot_work(script, argv, code, message, tmp_path, capsys):

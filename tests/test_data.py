@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from mrl import UserError
-from mrl.data import PRESETS, Collate, ImageTransform, attach_transforms, build_transform, load_splits, open_image
+from mrl.data import (PRESETS, Collate, ImageTransform, attach_transforms, build_transform, load_splits, open_image,
+                      sample_seed)
 
 
 def test_digits_splits_are_stratified_seeded_and_disjoint():
@@ -52,6 +53,17 @@ def test_augmentation_is_seeded_per_sample_and_epoch():
     assert any(not torch.equal(a, b) for a, b in zip(first, splits.train[4:8]["pixel_values"]))
     transform.epoch = 1
     assert any(not torch.equal(a, b) for a, b in zip(first, splits.train[:4]["pixel_values"]))
+
+
+@pytest.mark.parametrize("seed", [18447, 2**32 - 1])
+def test_every_32_bit_seed_splits_and_augments(seed):
+    # --seed 18447 and larger used to overflow the per-sample augmentation seed at the first image
+    splits = load_splits("digits", seed=seed, max_train_samples=8)
+    attach_transforms(splits, "crop", 16, (0.5,) * 3, (0.5,) * 3, seed=seed)
+    first = splits.train[:4]["pixel_values"]
+    torch.testing.assert_close(first, splits.train[:4]["pixel_values"])
+    assert sample_seed(seed, 0, 3) != sample_seed(seed, 0, 4) != sample_seed(seed, 1, 4)
+    assert sample_seed(7, 2, 11) == (7 * 1_000_003 + 2) * 1_000_000_007 + 11  # earlier runs' seeds are kept
 
 
 def _png(image):

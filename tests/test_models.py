@@ -55,6 +55,15 @@ def test_cifar_stem_is_automatic_for_small_images_and_can_be_overridden():
     assert build_backbone("resnet18", 224, cifar_stem=True).net.conv1.kernel_size == (3, 3)
 
 
+def test_cifar_stem_conv_is_initialized_like_the_other_convs():
+    # kaiming normal, fan_out, ReLU gain: std sqrt(2 / (64 * 3 * 3)) = 0.059 (nn.Conv2d's default would give
+    # a uniform with std 1 / sqrt(3 * 27) = 0.111)
+    torch.manual_seed(0)
+    conv1 = build_backbone("resnet18", 32).net.conv1.weight
+    assert conv1.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)
+    assert conv1.abs().max().item() > 3 ** 0.5 * 0.111  # beyond the default uniform bound: a normal
+
+
 def test_unknown_model_lists_the_valid_ones():
     with pytest.raises(UserError, match="cnn4, cnn4_bn, resnet18"):
         build_backbone("vit", 32)

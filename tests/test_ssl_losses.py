@@ -100,6 +100,15 @@ def test_byol_loss_is_normalized_mse():
     assert byol_loss(3 * t, t).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_matryoshka_weights_follow_their_dims_when_sorted():
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(8, 32, generator=g), torch.randn(8, 32, generator=g)
+    t = torch.tensor(0.0)
+    total, _ = MatryoshkaLoss(relic_loss, [32, 8], weights=[1.0, 0.0])(x, y, log_temperature=t)
+    assert total.item() == pytest.approx(relic_loss(x, y, t).item(), rel=1e-6)  # only d = 32 counts
+    assert total.item() != pytest.approx(relic_loss(x[:, :8], y[:, :8], t).item(), rel=1e-3)
+
+
 def test_matryoshka_wrapper_on_relic_sums_prefix_losses_and_ignores_later_dims():
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
@@ -108,7 +117,9 @@ def test_matryoshka_wrapper_on_relic_sums_prefix_losses_and_ignores_later_dims()
     total, per_dim = wrapper(x, y, log_temperature=t)
     expected = [relic_loss(x[:, :d], y[:, :d], t).item() for d in (4, 8, 16)]
     assert per_dim.tolist() == pytest.approx(expected, rel=1e-6)
-    assert total.item() == pytest.approx(sum(w * e for w, e in zip([1.0, 2.0, 0.5], expected)), rel=1e-6)
+    # each weight follows its own dim through the sort: 16 -> 1.0, 4 -> 2.0, 8 -> 0.5
+    assert wrapper.dims == [4, 8, 16] and wrapper.weights.tolist() == [2.0, 0.5, 1.0]
+    assert total.item() == pytest.approx(sum(w * e for w, e in zip([2.0, 0.5, 1.0], expected)), rel=1e-6)
     # The loss at d = 4 must not change when dims 4.. change.
     x2 = x.clone()
     x2[:, 4:] = torch.randn(8, 12, generator=g)

@@ -258,15 +258,15 @@ def test_defaults_are_mrl_pytorchs_and_its_flag_names_are_accepted():
     assert (args.method, args.dataset, args.batch_size, args.lr, args.weight_decay, args.epochs, args.optimizer) == \
         ("relic", "cifar10", 256, 3e-4, 1e-5, 100, "adam")
     assert (args.proj_out_dim, args.proj_hidden_dim, args.ema_momentum, args.alpha, args.max_temperature) == \
-        (64, 512, 0.99, 1.0, 5.0)
+        (64, 512, 0.995, 1.0, 5.0)
     assert (args.lr_schedule, args.nest, args.ema_copy_until, args.ema_every) == ("none", "backbone", 1, 1)
     seed = parser.parse_args(["--dataset_name", "stl10", "-m", "resnet50", "-save_model_dir", "models",
                               "--num_epochs", "400", "-b", "128", "--learning_rate", "1e-3", "-wd", "1e-4",
-                              "--log_every_n_steps", "400", "--gamma", "0.995", "--update_gamma_after_step", "3",
+                              "--log_every_n_steps", "400", "--gamma", "0.98", "--update_gamma_after_step", "3",
                               "--update_gamma_every_n_steps", "2", "--proj_out_dim", "128", "--fp16_precision"])
     assert (seed.dataset, seed.model, seed.output_dir, seed.epochs, seed.batch_size, seed.lr, seed.weight_decay) == \
         ("stl10", "resnet50", "models", 400, 128, 1e-3, 1e-4)
     assert (seed.log_every, seed.ema_momentum, seed.ema_copy_until, seed.ema_every, seed.proj_out_dim) == \
-        (400, 0.995, 3, 2, 128)
+        (400, 0.98, 3, 2, 128)
     assert seed.fp16_precision and parser.parse_args(["-lr", "0.1", "--wd", "0.2"]).weight_decay == 0.2
     assert all(action.help for action in parser._actions)

@@ -1,0 +1,54 @@
+"""Gathering a batch's embeddings from every process, so that a contrastive loss on N processes compares each image
+with the whole global batch, as it does on one process.
+
+Each process computes its loss on its own rows (queries) against the candidates of all processes, averaged over its
+rows; DDP then averages the processes' gradients. For that average to be the gradient of the global loss, the
+gradient that process q's loss sends to process p's candidates must reach p: the backward pass of the gather below
+sums every process's gradient for the gathered tensor (an all-reduce) and hands each process its own slice. Process
+p's gradient is then that of the *sum* of all processes' losses with respect to its embeddings, and DDP's division
+by the world size turns the sum into the mean -- the global loss. (lightly and solo-learn gather the same way; the
+gradient must be summed, not averaged, or every contrastive gradient shrinks by the world size.)
+
+`torch.distributed.nn.all_gather` does the same with a reduce-scatter in its backward pass, which the gloo backend
+(CPU runs, the tests) does not implement; an all-reduce works on every backend.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), len(tensor)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # sum over processes: every loss that used this process's rows
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather(tensor):
+    """The rows of `tensor` from every process, concatenated in rank order (process p's rows start at p * n);
+    differentiable: gradients flow back to the process the rows came from. Every process must pass the same
+    shape. On one process it returns `tensor` itself."""
+    if world_size() == 1:
+        return tensor
+    if not tensor.requires_grad:
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+    return _GatherWithGradient.apply(tensor)
+
+
+def row_offset(rows):
+    """Index of this process's first row in the gathered batch (each process holding `rows` rows)."""
+    return dist.get_rank() * rows if world_size() > 1 else 0
