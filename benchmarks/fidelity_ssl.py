@@ -1,0 +1,579 @@
+#!/usr/bin/env python
+"""Fidelity at the same budget: train_ssl.py against mrl-pytorch 0.1.1 and against an untrained network.
+
+On one data subset, resolution, batch, number of epochs and training seed, it trains
+
+  ours                 train_ssl.py --method relic (nested on the backbone, its default)
+  ours-nest-projector  train_ssl.py --method relic --nest projector (mrl-pytorch 0.1.1's nesting)
+  seed                 mrl-pytorch 0.1.1 itself: its wheel's ReLIC model, relic_loss, ResNet-18 (CIFAR stem) and
+                       two-view augmentation, driven by a minimal re-statement of its git head's training loop
+                       (run_training.py -> train.py: Adam over the online encoder and t', GradScaler fp16 on a GPU,
+                       the target copied up to step 1 and then moved with the gamma of the previous update, gamma on
+                       a cosine from 0.995 towards 1 over len(loader) * (epochs + 2) - 1 steps). It runs in its own
+                       process, because its import package is also called `mrl`; the encoder it saves (the EMA
+                       target's) is exported into this repo's model.safetensors + config.json, with mean 0 / std 1
+                       in the config, so evaluation feeds it [0, 1] pixels as the seed did
+  untrained            train_ssl.py --lr 0 --epochs 1: BatchNorm statistics calibrated on the training images,
+                       weights untouched (tests/test_fidelity.py checks that lr 0 leaves them bit-identical)
+
+and evaluates each with evaluate.py (linear probe, kNN, PCA of the full embedding per dim; probe and kNN bank on the
+training subset, the test split as queries). Sides named in --two_seed_sides train once per --seeds entry; the others
+at the first seed only. --seed picks the training subset too (load_splits), so the seeds differ in data order,
+initialization, augmentation and subset: the seed-to-seed spread is the noise the table reports.
+
+Diagnostic sides (add them to --sides): seed-bn-train (mrl-pytorch with its BatchNorm in train mode: the encoder's
+eval() left on by its feature-size probe removed), seed-online and ours-online (the online encoder instead of the EMA
+target, exported from the same runs, no extra training), seed-untrained (mrl-pytorch's network before its first step:
+its initialization and its frozen BatchNorm, whose statistics stay at mean 0 / variance 1), and any
+`--variant NAME="train_ssl.py flags"` of ours.
+
+Every part (one training run, one evaluation) is skipped when its output exists, so the same command continues an
+interrupted run; train_ssl.py runs also resume from their per-epoch checkpoints. Results: <output_dir>/fidelity.json,
+fidelity.md, and the table on stdout; parts.json holds each part's wall-clock seconds.
+
+  python benchmarks/fidelity_ssl.py                                   # CPU: 16 px, 5,000 images, batch 64, 3 epochs
+  python benchmarks/fidelity_ssl.py --sides ours,seed,seed-bn-train,seed-online,ours-online --epochs 2
+  python benchmarks/fidelity_ssl.py --dataset digits --dataset_path "" --image_size 8 --max_train_samples 256 \\
+      --batch_size 32 --epochs 1 --output_dir runs/fidelity_smoke     # a quick check of the script
+  bash benchmarks/gpu_fidelity.sh                                     # the GPU run (50,000 images, 32 px, batch 256)
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED_PACKAGE = "mrl-pytorch==0.1.1"
+BUILTIN_SIDES = ("ours", "ours-nest-projector", "seed", "untrained", "seed-bn-train", "seed-online", "ours-online",
+                 "seed-untrained")
+# mrl-pytorch's run_training.py defaults (its git head) for what this comparison does not vary
+SEED_GAMMA, SEED_ALPHA, SEED_MAX_TAU, SEED_PROJ_OUT, SEED_COPY_UNTIL, SEED_EVERY = 0.995, 1.0, 5.0, 64, 1, 1
+METRICS = (("probe", "linear probe"), ("knn", "kNN"), ("pca_probe", "PCA-d probe"))
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("fidelity_ssl.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("what every side trains on")
+    group.add_argument("--dataset", default="cifar10", help="dataset preset (train_ssl.py --dataset)")
+    group.add_argument("--dataset_path", default=os.path.join(ROOT, "..", "shared", "data", "cifar10"),
+                       help="local copy of the dataset ('' for none, e.g. digits)")
+    group.add_argument("--image_size", type=int, default=16, help="square input side in px")
+    group.add_argument("--max_train_samples", type=int, default=5000,
+                       help="seeded training subset (also the probe's training set and the kNN bank); 0: all")
+    group.add_argument("--epochs", type=int, default=3, help="training epochs of every trained side")
+    group.add_argument("--batch_size", type=int, default=64, help="images per optimizer step, every side")
+    group.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate, every side (both defaults: 3e-4)")
+    group.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    group.add_argument("--sides", default="ours,seed,untrained,ours-nest-projector",
+                       help=f"comma-separated, in training order; built in: {', '.join(BUILTIN_SIDES)}; and the "
+                            "--variant names")
+    group.add_argument("--two_seed_sides", default="ours,seed",
+                       help="sides trained at every --seeds entry (the rest: the first seed only)")
+    group.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                       help="an extra side: train_ssl.py --method relic with these extra flags (e.g. "
+                            "ours-gamma995=\"--ema_momentum 0.995\"); repeatable")
+    group = parser.add_argument_group("how")
+    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
+    group.add_argument("--precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
+                       help="ours' mixed precision (auto: bf16 on cuda, none on the CPU); the seed uses fp16 on cuda "
+                            "(its --fp16_precision, its only mixed precision) and fp32 on the CPU")
+    group.add_argument("--gpu_augment", action="store_true",
+                       help="ours: train_ssl.py --gpu_augment (the seed always augments with PIL in loader workers)")
+    group.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="DataLoader workers, every side")
+    group.add_argument("--monitor_samples", type=int, default=1000,
+                       help="train_ssl.py's online kNN monitor (run once, after the last epoch) on this many bank and "
+                            "query images: evaluate.py gives the numbers that count, so keep it cheap")
+    group.add_argument("--max_eval_samples", type=int, default=None,
+                       help="evaluate.py: cap the validation and test splits (default: all 10,000 test images)")
+    group.add_argument("--output_dir", default=os.path.join(ROOT, "runs", "fidelity"), help="runs, results and table")
+    group.add_argument("--seed_wheel_dir", default=os.path.join(ROOT, ".whl", "seed"),
+                       help=f"where {SEED_PACKAGE}'s wheel is (downloaded with pip download --no-deps if missing)")
+    group.add_argument("--table_only", action="store_true", help="print the table from the finished parts, run nothing")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run a seed job (JSON file)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The seed's side. Everything from here to `main` runs in the worker process with mrl-pytorch's wheel first on
+# sys.path, so nothing here may import this repository's `mrl`.
+
+def seed_wheel(folder):
+    """The unzipped mrl-pytorch 0.1.1 wheel (downloaded on first use), to put first on sys.path."""
+    unpacked = os.path.join(folder, "unpacked")
+    if not os.path.isfile(os.path.join(unpacked, "mrl", "mrl.py")):
+        os.makedirs(folder, exist_ok=True)
+        wheels = glob.glob(os.path.join(folder, "mrl_pytorch-0.1.1-*.whl"))
+        if not wheels:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SEED_PACKAGE, "-d", folder],
+                           check=True)
+            wheels = glob.glob(os.path.join(folder, "mrl_pytorch-0.1.1-*.whl"))
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extractall(unpacked)
+    return unpacked
+
+
+def seed_gamma(k, total, base):
+    """train.py's update_gamma: the cosine from `base` up to 1 over `total` steps (ReLIC's schedule)."""
+    return 1 - (1 - base) * (math.cos(math.pi * k / total) + 1) / 2
+
+
+def resnet_child_names():
+    """Names of the children of a torchvision ResNet that mrl-pytorch's encoder keeps, in order: its encoder is
+    nn.Sequential(*children[:-1] (all but fc), AdaptiveAvgPool2d(1), Squeeze()), so its state dict keys are
+    `<index>.<rest>`, where ours (mrl.models.ResNet) are `net.<child name>.<rest>`."""
+    import torchvision
+
+    return [name for name, _ in torchvision.models.resnet18(weights=None).named_children()][:-1]
+
+
+def seed_to_ours(state, names):
+    """An mrl-pytorch encoder state dict -> this repo's model.safetensors keys (`backbone.net.<child>.<rest>`)."""
+    out = {}
+    for key, value in state.items():
+        index, rest = key.split(".", 1)
+        out[f"backbone.net.{names[int(index)]}.{rest}"] = value.detach().float().cpu().contiguous() \
+            if value.is_floating_point() else value.detach().cpu().contiguous()
+    return out
+
+
+def run_seed_job(job_file):
+    """Train mrl-pytorch 0.1.1 as its train.py does, then save its target and online encoders in our key layout."""
+    with open(job_file) as f:
+        job = json.load(f)
+    sys.path.insert(0, seed_wheel(job["seed_wheel_dir"]))
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    import mrl
+    from mrl import ReLIC, relic_loss
+    from mrl.aug import ViewGenerator, get_training_transforms
+    from mrl.utils import get_encoder
+
+    assert os.path.abspath(mrl.__file__).startswith(os.path.abspath(job["seed_wheel_dir"])), mrl.__file__
+    random.seed(job["seed"])  # train.py seeds random, numpy and torch (with 42) at import
+    np.random.seed(job["seed"])
+    torch.manual_seed(job["seed"])
+    device = torch.device(job["device"])
+    fp16 = job["fp16"]
+
+    images = np.load(job["images"])  # (n, h, w, 3) uint8: the same training subset as ours, decoded once
+
+    class Images(torch.utils.data.Dataset):  # torchvision's CIFAR10 hands its transform a PIL image per index
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return transform(Image.fromarray(images[i])), 0
+
+    transform = ViewGenerator(get_training_transforms(job["image_size"]), 2)
+    loader = torch.utils.data.DataLoader(Images(), batch_size=job["batch_size"], shuffle=True, drop_last=True,
+                                         num_workers=job["num_workers"], pin_memory=device.type == "cuda",
+                                         persistent_workers=job["num_workers"] > 0)
+    # train.py: modify_model (the CIFAR stem) when "cifar" is in the dataset name; here: for small images
+    model = ReLIC(get_encoder("resnet18", modify_model=job["cifar_stem"]), proj_out_dim=SEED_PROJ_OUT).to(device)
+    if job["bn_train"]:  # the diagnostic variant: undo the eval() that ReLIC's feature-size probe leaves on
+        model.train()
+    optimizer = torch.optim.Adam(list(model.online_encoder.parameters()) + [model.t_prime], lr=job["lr"],
+                                 weight_decay=job["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    total_steps = len(loader) * (job["epochs"] + 2) - SEED_COPY_UNTIL  # train.py's K (not this run's steps)
+    gamma, step, history = SEED_GAMMA, 0, []
+    for epoch in range(job["epochs"]):
+        start, losses = time.perf_counter(), []
+        for (x1, x2), _ in loader:
+            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
+                o1, o2, t1, t2 = model(x1, x2)
+                loss1 = torch.stack([relic_loss(o, t, model.t_prime, SEED_ALPHA, max_tau=SEED_MAX_TAU)
+                                     for o, t in zip(o1, t2)]).sum()
+                loss2 = torch.stack([relic_loss(o, t, model.t_prime, SEED_ALPHA, max_tau=SEED_MAX_TAU)
+                                     for o, t in zip(o2, t1)]).sum()
+                loss = (loss1 + loss2) / 2
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            # train.py's order: move the target with the current gamma, then compute the next one (so each gamma is
+            # applied one update late); up to update_gamma_after_step the target is a plain copy
+            if step > SEED_COPY_UNTIL and step % SEED_EVERY == 0:
+                model.update_params(gamma)
+                gamma = seed_gamma(step, total_steps, SEED_GAMMA)
+            if step <= SEED_COPY_UNTIL:
+                model.copy_params()
+            losses.append(loss.item())  # train.py reads the loss on the host every step
+            step += 1
+        seconds = time.perf_counter() - start
+        images_seen = len(loader) * job["batch_size"]
+        history.append({"epoch": epoch + 1, "seconds": seconds, "images_per_s": images_seen / seconds,
+                        "loss": statistics.fmean(losses), "gamma": gamma})
+        print(f"seed epoch {epoch + 1}: {images_seen} images in {seconds:.1f} s ({images_seen / seconds:.1f} img/s), "
+              f"loss {history[-1]['loss']:.4f}, gamma {gamma:.6f}", flush=True)
+
+    # what the seed saves (save_encoder: the target's encoder) and the online one, in our key layout, with a
+    # reference batch so the importing side can check that our ResNet computes the same embeddings
+    names = resnet_child_names()
+    probe = torch.rand(4, 3, job["image_size"], job["image_size"], generator=torch.Generator().manual_seed(0))
+    for which, sequential in (("target", model.target_encoder), ("online", model.online_encoder)):
+        encoder = sequential[0].eval()
+        with torch.no_grad():
+            reference = encoder(probe.to(device)).float().cpu()
+        tensors = seed_to_ours(encoder.state_dict(), names)
+        tensors.update({"reference.input": probe, "reference.output": reference})
+        save_file(tensors, os.path.join(job["out_dir"], f"seed_{which}.safetensors"))
+    with open(os.path.join(job["out_dir"], "seed_run.json"), "w") as f:
+        json.dump({"steps": step, "total_steps_of_gamma_schedule": total_steps, "final_gamma": gamma,
+                   "bn_mode_while_training": "train" if job["bn_train"] else "eval (as shipped)",
+                   "logit_scale": model.t_prime.detach().exp().clamp(0, SEED_MAX_TAU).item(), "history": history}, f,
+                  indent=2)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The orchestrating process (this repository's `mrl`).
+
+def main(args):
+    from mrl import UserError
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    variants = parse_variants(args.variant)
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in BUILTIN_SIDES and s not in variants]
+    if unknown or not seeds:
+        raise UserError(f"unknown side(s) {unknown} (built in: {', '.join(BUILTIN_SIDES)}; or define --variant)"
+                        if unknown else "--seeds is empty")
+    two_seed = {s.strip() for s in args.two_seed_sides.split(",")}
+    device = args.device if args.device != "auto" else ("cuda" if cuda_available() else "cpu")
+    precision = args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "no")
+    os.makedirs(args.output_dir, exist_ok=True)
+    parts = Parts(os.path.join(args.output_dir, "parts.json"))
+
+    runs = [(side, seed) for seed in seeds for side in sides if seed == seeds[0] or side in two_seed]
+    if not args.table_only:
+        for side, seed in runs:
+            folder = run_folder(args, side, seed)
+            if not is_model(folder):
+                parts.timed(f"train {side} seed {seed}",
+                            lambda: train_side(args, side, seed, folder, variants, device, precision))
+            if not os.path.isfile(os.path.join(folder, "eval", "results.json")):
+                parts.timed(f"evaluate {side} seed {seed}", lambda: evaluate_side(args, folder, side))
+    table = collect(args, runs, seeds, parts)
+    print(table)
+
+
+def parse_variants(texts):
+    from mrl import UserError
+
+    variants = {}
+    for text in texts:
+        name, _, flags = text.partition("=")
+        if not name or not flags:
+            raise UserError(f'--variant needs NAME="train_ssl.py flags", got {text!r}')
+        variants[name.strip()] = shlex.split(flags)
+    return variants
+
+
+def cuda_available():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class Parts:
+    """Wall-clock seconds of every finished part, kept in a JSON file across invocations."""
+
+    def __init__(self, path):
+        self.path = path
+        self.seconds = json.load(open(path)) if os.path.isfile(path) else {}
+
+    def timed(self, name, work):
+        print(f"=== {name}", flush=True)
+        start = time.perf_counter()
+        work()
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"=== {name}: {self.seconds[name]:.0f} s", flush=True)
+        with open(self.path, "w") as f:
+            json.dump(self.seconds, f, indent=2)
+
+
+def run_folder(args, side, seed):
+    return os.path.join(args.output_dir, f"{side}_s{seed}")
+
+
+def is_model(folder):
+    return all(os.path.isfile(os.path.join(folder, f)) for f in ("config.json", "model.safetensors"))
+
+
+def data_flags(args, seed):
+    flags = ["--dataset", args.dataset, "--image_size", str(args.image_size), "--seed", str(seed)]
+    flags += ["--dataset_path", args.dataset_path] if args.dataset_path else []
+    return flags + (["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else [])
+
+
+def run(command, **kwargs):
+    print("$ " + shlex.join(command), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT, **kwargs)
+
+
+def train_side(args, side, seed, folder, variants, device, precision):
+    if side.startswith("seed"):
+        seed_folder = run_folder(args, "seed" if side == "seed-online" else side, seed)
+        if not os.path.isfile(os.path.join(seed_folder, "seed_target.safetensors")):
+            train_seed(args, seed, seed_folder, device, bn_train=side == "seed-bn-train",
+                       epochs=0 if side == "seed-untrained" else args.epochs)
+        import_seed_encoder(args, seed, seed_folder, folder, which="online" if side == "seed-online" else "target")
+    elif side == "ours-online":
+        source = run_folder(args, "ours", seed)
+        if not is_model(source):
+            train_side(args, "ours", seed, source, variants, device, precision)
+        export_online(source, folder)
+    else:
+        train_ours(args, side, seed, folder, variants.get(side, []), device, precision)
+
+
+def train_ours(args, side, seed, folder, extra, device, precision):
+    """train_ssl.py --method relic; resumes from its last per-epoch checkpoint when an earlier call was cut off."""
+    flags = {"ours": [], "ours-nest-projector": ["--nest", "projector"],
+             "untrained": ["--lr", "0", "--epochs", "1"]}.get(side, extra)
+    launcher = [sys.executable]
+    if device == "cuda":
+        launcher += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                     "--mixed_precision", precision, "--dynamo_backend", "no"]
+    elif precision != "no":
+        launcher += ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                     "--mixed_precision", precision]
+    command = [*launcher, "train_ssl.py", "--method", "relic", *data_flags(args, seed), "--epochs", str(args.epochs),
+               "--batch_size", str(args.batch_size), "--lr", str(args.lr), "--num_workers", str(args.num_workers),
+               "--knn_every", "0", "--knn_bank_samples", str(args.monitor_samples),
+               "--max_eval_samples", str(args.monitor_samples), "--report_to", "none", "--checkpoints_total_limit",
+               "1", "--resume_from_checkpoint", "latest", "--overwrite", "--output_dir", folder,
+               *(["--gpu_augment"] if args.gpu_augment else []), *flags]  # later flags win: --lr 0 --epochs 1
+    run(command, env=dict(os.environ, WANDB_MODE="disabled"))
+
+
+def train_seed(args, seed, folder, device, bn_train, epochs):
+    """The seed's training run in its own process, on the same decoded training subset as ours."""
+    import numpy as np
+
+    from mrl.data import load_splits, open_image
+
+    splits = load_splits(args.dataset, args.dataset_path or None, seed=seed,
+                         max_train_samples=args.max_train_samples or None)
+    pixels = [np.asarray(open_image(item)) for item in splits.train.with_format(None)["image"]]
+    if len({p.shape for p in pixels}) != 1:
+        from mrl import UserError
+        raise UserError("the seed's side needs training images of one size (they are stacked into one array)")
+    os.makedirs(folder, exist_ok=True)
+    images = os.path.join(folder, "train_images.npy")
+    np.save(images, np.stack(pixels))
+    job = {"images": images, "out_dir": folder, "seed": seed, "image_size": args.image_size, "epochs": epochs,
+           "batch_size": args.batch_size, "lr": args.lr, "weight_decay": 1e-5, "num_workers": args.num_workers,
+           "device": device, "fp16": device == "cuda", "bn_train": bn_train, "cifar_stem": args.image_size < 64,
+           "seed_wheel_dir": os.path.abspath(args.seed_wheel_dir)}
+    job_file = os.path.join(folder, "job.json")
+    with open(job_file, "w") as f:
+        json.dump(job, f, indent=2)
+    seed_wheel(job["seed_wheel_dir"])
+    run([sys.executable, os.path.abspath(__file__), "--worker", job_file])
+    os.remove(images)
+
+
+def seed_config(args, seed, splits, source, which, seed_run):
+    """config.json of an exported mrl-pytorch encoder: train_ssl.py's layout, with the seed's settings and inputs
+    (mean 0 / std 1: its encoder saw ToTensor's [0, 1] pixels, in training and in its own evaluation)."""
+    import train_ssl
+    from mrl.checkpoint import FORMAT_VERSION
+    from mrl.data import get_preset
+    from mrl.models import build_backbone, default_dims
+
+    ssl_args = train_ssl.get_args_parser().parse_args(
+        [*data_flags(args, seed), "--nest", "projector", "--normalize", "none", "--epochs", str(args.epochs),
+         "--batch_size", str(args.batch_size), "--lr", str(args.lr), "--ema_momentum", str(SEED_GAMMA),
+         "--cifar_stem", "on" if args.image_size < 64 else "off", "--output_dir", source])
+    ssl_args.model = ssl_args.model or get_preset(args.dataset).model
+    backbone = build_backbone("resnet18", args.image_size, args.image_size < 64)
+    config = train_ssl.model_config(ssl_args, backbone, default_dims(512), splits, get_preset(args.dataset),
+                                    (0.0,) * 3, (1.0,) * 3, which == "target")
+    config["ssl"]["trained_by"] = (f"{SEED_PACKAGE}: its wheel's model, loss and augmentation, its train.py loop as "
+                                   f"fidelity_ssl.py restates it; BatchNorm {seed_run['bn_mode_while_training']}")
+    return {"format_version": FORMAT_VERSION, **config}
+
+
+def import_seed_encoder(args, seed, seed_folder, folder, which):
+    """The seed's saved encoder as this repo's model folder, checked to compute the seed's own embeddings."""
+    from safetensors.torch import load_file, save_file
+
+    from mrl.data import load_splits
+    from mrl.models import build_backbone
+
+    tensors = load_file(os.path.join(seed_folder, f"seed_{which}.safetensors"))
+    with open(os.path.join(seed_folder, "seed_run.json")) as f:
+        seed_run = json.load(f)
+    reference_in, reference_out = tensors.pop("reference.input"), tensors.pop("reference.output")
+    backbone = build_backbone("resnet18", args.image_size, args.image_size < 64)
+    backbone.load_state_dict({k[len("backbone."):]: v for k, v in tensors.items()}, strict=True)
+    check_same_embeddings(backbone.eval(), reference_in, reference_out)
+    splits = load_splits(args.dataset, args.dataset_path or None, seed=seed,
+                         max_train_samples=args.max_train_samples or None)
+    config = seed_config(args, seed, splits, seed_folder, which, seed_run)
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def check_same_embeddings(backbone, reference_in, reference_out, tolerance=1e-4):
+    """Our ResNet with the imported weights must reproduce the seed's embeddings of the reference batch (up to
+    float rounding: the seed may have run on a GPU); relative to the largest value, since its frozen-BatchNorm
+    network's activations are not of unit scale."""
+    import torch
+
+    with torch.no_grad():
+        ours = backbone(reference_in)
+    error = (ours - reference_out).abs().max().item() / max(reference_out.abs().max().item(), 1e-12)
+    if ours.shape != reference_out.shape or not error < tolerance:
+        raise AssertionError(f"the imported seed encoder does not reproduce the seed's embeddings (max relative "
+                             f"error {error:.2e}, shapes {tuple(ours.shape)} vs {tuple(reference_out.shape)})")
+    return error
+
+
+def export_online(source, folder):
+    """ours-online: the online backbone of a finished train_ssl.py run (its last checkpoint), same config."""
+    from safetensors.torch import load_file, save_file
+
+    from mrl.checkpoint import list_checkpoints
+
+    checkpoint = list_checkpoints(source)[-1]
+    state = load_file(os.path.join(checkpoint, "model.safetensors"))
+    prefix = "online.backbone."
+    backbone = {"backbone." + k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    config["ssl"]["exported"] = "online"
+    os.makedirs(folder, exist_ok=True)
+    save_file(backbone, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def evaluate_side(args, folder, side):
+    command = [sys.executable, "evaluate.py", "--checkpoint", folder, "--labels", side, "--output_dir",
+               os.path.join(folder, "eval"), "--num_workers", str(args.num_workers), "--report_to", "none"]
+    command += ["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []
+    command += ["--max_eval_samples", str(args.max_eval_samples)] if args.max_eval_samples else []
+    run(command, env=dict(os.environ, WANDB_MODE="disabled"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The table
+
+def per_dim(folder):
+    """{metric: {dim: accuracy}} of one evaluated run, or None when it is not evaluated yet."""
+    path = os.path.join(folder, "eval", "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rows = json.load(f)["runs"][0]["per_dim"]
+    return {metric: {r["dim"]: r[metric] for r in rows if metric in r} for metric, _ in METRICS}
+
+
+def summarize(results, seeds, dims):
+    """Per side, metric and dim: the mean over its seeds and the seed-to-seed spread (max - min; 0 with one seed);
+    per metric and dim: ours - seed, paired by training seed (same subset), averaged, and the noise: the larger of
+    the two sides' spreads."""
+    summary = {}
+    for side, by_seed in results.items():
+        summary[side] = {}
+        for metric, _ in METRICS:
+            summary[side][metric] = {}
+            for d in dims:
+                values = [by_seed[s][metric][d] for s in seeds if s in by_seed and d in by_seed[s][metric]]
+                if values:
+                    summary[side][metric][d] = {"mean": statistics.fmean(values), "spread": max(values) - min(values),
+                                                "n": len(values), "values": values}
+    comparison = {}
+    if "ours" in results and "seed" in results:
+        for metric, _ in METRICS:
+            comparison[metric] = {}
+            for d in dims:
+                paired = [results["ours"][s][metric][d] - results["seed"][s][metric][d] for s in seeds
+                          if s in results["ours"] and s in results["seed"]]
+                if paired:
+                    noise = max(summary["ours"][metric][d]["spread"], summary["seed"][metric][d]["spread"])
+                    mean = statistics.fmean(paired)
+                    comparison[metric][d] = {"ours_minus_seed": mean, "paired": paired, "noise": noise,
+                                             "beyond_noise": len(paired) > 1 and abs(mean) > noise}
+    return summary, comparison
+
+
+def markdown(summary, comparison, sides, dims):
+    lines = []
+    for metric, title in METRICS:
+        header = ["d", *sides] + (["ours - seed (pt)", "noise (pt)"] if metric in comparison else [])
+        lines += [f"**{title}** (test top-1; mean over the seeds a side trained with)", "",
+                  "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+        for d in dims:
+            cells = [str(d)]
+            for side in sides:
+                entry = summary.get(side, {}).get(metric, {}).get(d)
+                cells.append(f"{entry['mean']:.3f}" if entry else "-")
+            if metric in comparison:
+                c = comparison[metric].get(d)
+                cells += [f"{100 * c['ours_minus_seed']:+.1f}{' *' if c['beyond_noise'] else ''}",
+                          f"{100 * c['noise']:.1f}"] if c else ["-", "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("noise: the larger seed-to-seed spread (max - min over the training seeds) of ours and of the seed at "
+                 "that d; * marks |ours - seed| above it.")
+    return "\n".join(lines)
+
+
+def collect(args, runs, seeds, parts):
+    results, dims = {}, set()
+    for side, seed in runs:
+        found = per_dim(run_folder(args, side, seed))
+        if found is not None:
+            results.setdefault(side, {})[seed] = found
+            dims |= set(found["probe"])
+    dims = sorted(dims)
+    sides = [s for s in dict.fromkeys(side for side, _ in runs) if s in results]
+    summary, comparison = summarize(results, seeds, dims)
+    seed_runs = {}
+    for side, seed in runs:
+        path = os.path.join(run_folder(args, side, seed), "seed_run.json")
+        if os.path.isfile(path):
+            seed_runs[f"{side} seed {seed}"] = json.load(open(path))
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "table_only")}
+    with open(os.path.join(args.output_dir, "fidelity.json"), "w") as f:
+        json.dump({"settings": settings, "dims": dims, "results": {s: {str(k): v for k, v in r.items()}
+                                                                   for s, r in results.items()},
+                   "summary": summary, "comparison": comparison, "part_seconds": parts.seconds,
+                   "seed_runs": seed_runs}, f, indent=2)
+    text = markdown(summary, comparison, sides, dims)
+    with open(os.path.join(args.output_dir, "fidelity.md"), "w") as f:
+        f.write(text + "\n")
+    total = sum(parts.seconds.values())
+    return f"\n{text}\n\nparts: " + ", ".join(f"{k} {v:.0f} s" for k, v in parts.seconds.items()) + \
+        f"\ntotal {total:.0f} s; written {os.path.join(args.output_dir, 'fidelity.md')} and fidelity.json"
+
+
+if __name__ == "__main__":
+    parsed = get_args_parser().parse_args()
+    if parsed.worker:
+        run_seed_job(parsed.worker)
+    else:
+        sys.path.insert(0, ROOT)
+        from mrl import cli
+
+        cli.run(main, parsed)
