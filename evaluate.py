@@ -34,6 +34,7 @@ from mrl import UserError, cli, plots
 from mrl.checkpoint import MODEL_FILE, TrainState, load_model, read_config
 from mrl.data import ImageTransform, build_transform, load_splits
 from mrl.features import cache_key, file_digest, load_or_extract, pca
+from mrl.model_card import update_card_with_evaluation
 from mrl.models import default_dims
 from mrl.probe import L2_GRID, cascade, sklearn_probe, torch_probe
 from mrl.retrieval import adaptive_retrieval, neighbor_metrics
@@ -81,6 +82,9 @@ def get_args_parser():
                        help="where results and plots go (default: <first checkpoint>/eval)")
     group.add_argument("--feature_cache", default=None,
                        help="folder for cached features (default: <checkpoint>/features); 'none' disables the cache")
+    group.add_argument("--update_model_card", action="store_true",
+                       help="also write each run's per-dim results into its model card (<checkpoint>/README.md, "
+                            "the page the Hub shows), replacing those of an earlier evaluation")
     group.add_argument("--report_to", default="auto", choices=("auto", "wandb", "none"),
                        help="auto = W&B when it is configured (logged in, WANDB_API_KEY or WANDB_MODE set)")
     group.add_argument("--wandb_project", default="matryoshka", help="W&B project")
@@ -131,6 +135,10 @@ def main(args):
 
     if accelerator.is_main_process:
         write_outputs(args, accelerator, results, embeddings)
+        for run in results["runs"] if args.update_model_card else []:
+            card = update_card_with_evaluation(run["checkpoint"], results_markdown(args, {**results, "runs": [run]}),
+                                               run["per_dim"], results["eval_split"], args.output_dir)
+            log(f"updated the model card {card}")
     accelerator.end_training()
 
 

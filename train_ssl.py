@@ -44,6 +44,7 @@ from mrl.loop import (accumulation_scale, after_optimizer_step, build_accelerato
                       epoch_batches, log_train_losses)
 from mrl.losses import MatryoshkaLoss, byol_loss, dim_weights, nt_xent_loss, relic_loss
 from mrl.models import build_backbone, check_dims, default_dims
+from mrl.pretrained import publish_run
 from mrl.projectors import NEST, Projector, predictor
 from mrl.retrieval import knn_predict, nearest_neighbors, normalized_prefix
 from mrl.schedules import constant_schedule, cosine_schedule
@@ -131,6 +132,7 @@ def get_args_parser():
                        help="labeled train images in the kNN memory bank (a seeded random subset); the queries are "
                             "the validation split")
     cli.add_run_args(parser, default_epochs=100)
+    cli.add_hub_args(parser)
     add_seed_aliases(parser)
     return parser
 
@@ -349,6 +351,7 @@ def main(args):
     if accelerator.is_main_process:
         write_reports(args, accelerator, knn_dims, knn, state)
     accelerator.end_training()
+    publish_run(args, accelerator, "train_ssl.py")  # the model card; with --push_to_hub, the upload
 
 
 def check_args(args):

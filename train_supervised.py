@@ -29,6 +29,7 @@ from mrl.loop import (accumulation_scale, after_optimizer_step, build_accelerato
                       epoch_batches, log_train_losses)
 from mrl.losses import dim_weights, per_head_cross_entropy
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
+from mrl.pretrained import publish_run
 from mrl.schedules import exponential_schedule
 from mrl.tracking import init_tracking, log_image_files, log_per_dim_table
 
@@ -58,6 +59,7 @@ def get_args_parser():
                        help="clip the gradient norm at every optimizer step (0: off). The blog clipped at 1.0, but on "
                             "every micro-batch; here it is clipped once per accumulated step")
     cli.add_run_args(parser, default_epochs=15)
+    cli.add_hub_args(parser)
     return parser
 
 
@@ -147,6 +149,7 @@ def main(args):
     if accelerator.is_main_process:
         write_reports(args, accelerator, dims, val, test, state, splits.class_names)
     accelerator.end_training()
+    publish_run(args, accelerator, "train_supervised.py")  # the model card; with --push_to_hub, the upload
 
 
 def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, dims, loss_weights,

@@ -19,6 +19,9 @@ MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# output_dir -> callback(checkpoint folder), run by the main process after each complete checkpoint of that run
+# (mrl.pretrained registers the Hub upload of --hub_push_checkpoints here)
+AFTER_CHECKPOINT = {}
 
 
 class TrainState:
@@ -59,6 +62,8 @@ def save_checkpoint(accelerator, output_dir, step, keep):
         os.rename(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
+        if output_dir in AFTER_CHECKPOINT:
+            AFTER_CHECKPOINT[output_dir](final)
     accelerator.wait_for_everyone()
     return final
 
@@ -145,17 +150,24 @@ def load_model(path, device="cpu"):
     if not os.path.isfile(weights):
         raise UserError(f"{path} has {CONFIG_FILE} but no {MODEL_FILE}: the run did not finish saving")
     state = load_file(weights, device=str(device))
-    model_cfg = config["model"]
-    backbone = build_backbone(model_cfg["backbone"], config["data"]["image_size"], model_cfg["cifar_stem"])
+    backbone, heads = build_model(config)
     backbone.load_state_dict(_with_prefix(state, "backbone."))
-    heads = None
-    if config.get("heads"):
-        heads = MatryoshkaHeads(config["heads"]["dims"], config["heads"]["num_classes"], config["heads"]["tied"])
+    if heads is not None:
         heads.load_state_dict(_with_prefix(state, "heads."))
     for module in (backbone, heads):
         if module is not None:
             module.to(device).eval()
     return backbone, heads, config
+
+
+def build_model(config):
+    """(backbone, heads or None) with the architecture a config.json describes, freshly initialized."""
+    model_cfg = config["model"]
+    backbone = build_backbone(model_cfg["backbone"], config["data"]["image_size"], model_cfg.get("cifar_stem"))
+    heads = None
+    if config.get("heads"):
+        heads = MatryoshkaHeads(config["heads"]["dims"], config["heads"]["num_classes"], config["heads"]["tied"])
+    return backbone, heads
 
 
 def _with_prefix(state, prefix):

@@ -89,6 +89,41 @@ def add_run_args(parser, default_epochs):
     return group
 
 
+def add_hub_args(parser):
+    """--push_to_hub and its companions, named as in the transformers / accelerate example scripts."""
+    group = parser.add_argument_group("sharing on the Hugging Face Hub")
+    group.add_argument("--push_to_hub", action="store_true",
+                       help="at the end of training, upload the model (model.safetensors, config.json), its model card "
+                            "(README.md) with metrics and plots to a model repo on the Hub. Needs a token: `hf auth "
+                            "login` or HF_TOKEN (there is no token flag: it would be saved in config.json)")
+    group.add_argument("--hub_model_id", default=None,
+                       help="the repo, 'user/name' or 'org/name'. Default: the --output_dir folder's name, under the "
+                            "token's user")
+    group.add_argument("--hub_private", action="store_true",
+                       help="create the repo private (without it, a new repo gets the account's default visibility)")
+    group.add_argument("--hub_push_checkpoints", action="store_true",
+                       help="also upload each resumable checkpoint as it is saved, in the background, to checkpoints/ "
+                            "in the repo (replacing the previous one), so a preempted run can resume elsewhere")
+    return group
+
+
+def resolve_hub_args(args):
+    """Check the Hub flags at the start, not after hours of training."""
+    if not args.push_to_hub:
+        given = [f"--{name}" for name in ("hub_model_id", "hub_private", "hub_push_checkpoints") if getattr(args, name)]
+        if given:
+            raise UserError(f"{', '.join(given)} need --push_to_hub")
+        return
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise UserError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+    if args.hub_push_checkpoints:
+        from mrl.pretrained import register_checkpoint_pusher
+
+        register_checkpoint_pusher(args)
+
+
 def resolve_run_args(args, script):
     """Fill defaults that depend on other flags, and check what argparse cannot."""
     if args.report_to == "auto":
@@ -105,6 +140,8 @@ def resolve_run_args(args, script):
             raise UserError(f"--{name} must be at least 1")
     if not 0 <= args.test_fraction < 1 or not 0 < args.val_fraction < 1 or args.val_fraction + args.test_fraction >= 1:
         raise UserError("--val_fraction must be in (0, 1), --test_fraction in [0, 1), and their sum below 1")
+    if hasattr(args, "push_to_hub"):
+        resolve_hub_args(args)
 
 
 def wandb_configured():

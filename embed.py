@@ -1,0 +1,306 @@
+#!/usr/bin/env python
+"""Embed your own images with a trained run, at the prefix sizes you choose, and search them.
+
+Embedding: every image of a folder (or of a dataset split) goes through the run's backbone once, with the run's own
+preprocessing; each chosen prefix z[:, :d] is L2-renormalized and written as the column `embedding_<d>` of a
+`datasets` dataset in Parquet (<output_dir>/embeddings.parquet), beside the image's path (or its split, row and
+label). With --index_dim, a faiss index over that small prefix is written too, and a search shortlists with it and
+re-ranks the shortlist with the largest dim written: MRL's adaptive retrieval, the funnel evaluate.py measures.
+Every Accelerate process embeds its shard of the images; the main process writes the files.
+
+Searching: `--query IMAGE ... --index <output_dir>` embeds the query images with the same run and prints their
+nearest images with cosine similarities (at the re-ranking dim).
+
+examples:
+  python embed.py --checkpoint runs/supervised_mrl_digits_resnet18 --images photos/ --dims 16,512 --index_dim 16
+  python embed.py --index runs/supervised_mrl_digits_resnet18/embeddings --query photos/cat.jpg --top_k 5
+  python embed.py --checkpoint user/mrl-resnet18 --dataset cifar10 --dataset_path ../shared/data/cifar10 --split test
+  accelerate launch --multi_gpu embed.py --checkpoint runs/relic --images photos/ --output_dir runs/photos
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+import datasets
+from mrl import UserError, cli
+from mrl.data import PRESETS, Collate, ImageTransform, load_splits
+from mrl.features import embed
+from mrl.pretrained import MatryoshkaEncoder, list_images
+from mrl.retrieval import funnel_search, nearest_neighbors
+
+EMBEDDINGS, MANIFEST = "embeddings.parquet", "embed.json"
+INDEX_TYPES = ("flat", "hnsw")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("embed.py", description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--checkpoint", default=None,
+                        help="the trained model: a run folder or a Hub model id (user/name). Default when searching: "
+                             "the one the index was built with")
+    group = parser.add_argument_group("what to embed (one of --images, --dataset)")
+    group.add_argument("--images", default=None, help="a folder of images (searched recursively; any format PIL reads)")
+    group.add_argument("--dataset", default=None, choices=list(PRESETS),
+                       help="a dataset preset instead of a folder; its splits are the run's when it trained on it")
+    group.add_argument("--dataset_path", default=None,
+                       help="with --dataset: a local copy (the Hub's parquet layout, save_to_disk, an image folder)")
+    group.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                       help="with --dataset: which split to embed")
+    group = parser.add_argument_group("embeddings and index")
+    group.add_argument("--dims", type=cli.parse_dims, nargs="+", default=None,
+                       help="prefix sizes to write, e.g. 16,512 (default: the dims the run trained, which end at the "
+                            "full embedding)")
+    group.add_argument("--index_dim", type=int, default=None,
+                       help="also build a faiss index over this (small) prefix; searches shortlist with it and re-rank "
+                            "at the largest of --dims (added to --dims when missing)")
+    group.add_argument("--index_type", default="flat", choices=INDEX_TYPES,
+                       help="flat: exact inner-product search over the small prefix; hnsw: an approximate HNSW graph, "
+                            "for collections too large for exact search")
+    group.add_argument("--output_dir", default=None,
+                       help="where embeddings.parquet, the index and embed.json go (default: <checkpoint>/embeddings "
+                            "for a run folder, embeddings_<model name> for a Hub model)")
+    group.add_argument("--overwrite", action="store_true", help="replace the embeddings already in --output_dir")
+    group.add_argument("--batch_size", type=int, default=256, help="images per forward pass and process")
+    group.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="DataLoader worker processes per process (image decoding)")
+    group = parser.add_argument_group("search")
+    group.add_argument("--query", nargs="+", default=None,
+                       help="image files (or folders) to search for in --index; prints their nearest images")
+    group.add_argument("--index", default=None, help="an --output_dir written by this script, to search in")
+    group.add_argument("--top_k", type=int, default=5, help="results per query")
+    group.add_argument("--shortlist", type=int, default=200,
+                       help="candidates the small-prefix index returns for re-ranking at the full dim")
+    return parser
+
+
+def main(args):
+    check_args(args)
+    if args.query:
+        search(args)
+    else:
+        build(args)
+
+
+def check_args(args):
+    for name in ("batch_size", "top_k", "shortlist"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.query:
+        if not args.index:
+            raise UserError("--query needs --index: a folder written by embed.py (its --output_dir)")
+        return
+    if args.index:
+        raise UserError("--index is for searching: give --query IMAGE too (or --output_dir to write embeddings)")
+    if (args.images is None) == (args.dataset is None):
+        raise UserError("give one of --images FOLDER or --dataset NAME to embed")
+    if args.images is not None and not os.path.isdir(args.images):
+        raise UserError(f"--images {args.images} is not a folder")
+    if args.checkpoint is None:
+        raise UserError("--checkpoint is required: the run folder or Hub model to embed with")
+
+
+# ---- embedding
+
+def build(args):
+    accelerator = Accelerator()
+    log = accelerator.print
+    with accelerator.main_process_first():  # a Hub model is downloaded once, by the main process
+        model = MatryoshkaEncoder.from_pretrained(args.checkpoint, device=accelerator.device)
+    dims = resolve_dims(args, model)
+    output_dir = args.output_dir or default_output_dir(args.checkpoint)
+    if os.path.isfile(os.path.join(output_dir, MANIFEST)) and not args.overwrite:
+        raise UserError(f"{output_dir} already holds embeddings; pass --overwrite to replace them, or another "
+                        "--output_dir")
+
+    # ---- the images: a dataset of undecoded image cells whose `label` is the row's position, so that the rows the
+    # processes gather back (unreadable images dropped) say which images they are
+    with accelerator.main_process_first():
+        rows, metadata, class_names, source = image_rows(args, model.config)
+    rows.set_transform(ImageTransform(model.preprocess))
+    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                                         collate_fn=Collate(keep_shape=True), pin_memory=torch.cuda.is_available())
+    log(f"embedding {len(rows)} images from {source} with {args.checkpoint} at dims {dims}, "
+        f"{accelerator.num_processes} process(es)")
+    start = time.perf_counter()
+    loader = accelerator.prepare(loader)
+    features, positions = embed(accelerator, model.backbone, tqdm(loader, desc="embedding", dynamic_ncols=True,
+                                                                  disable=not accelerator.is_local_main_process))
+    seconds = time.perf_counter() - start
+    if accelerator.is_main_process:
+        write_embeddings(args, output_dir, features, positions, metadata, class_names, dims, source, seconds, log)
+    accelerator.end_training()
+
+
+def resolve_dims(args, model):
+    dims = sorted({d for group in args.dims for d in group} if args.dims else set(model.dims) | {model.embed_dim})
+    if args.index_dim is not None:
+        if args.dims and args.index_dim > dims[-1]:
+            raise UserError(f"--index_dim {args.index_dim} is above the largest of --dims ({dims[-1]}), which "
+                            "re-ranks the shortlist")
+        dims = sorted(set(dims) | {args.index_dim})
+    if dims[0] < 1 or dims[-1] > model.embed_dim:
+        raise UserError(f"--dims and --index_dim must lie in 1..{model.embed_dim} (the model's embedding dim), "
+                        f"got {dims}")
+    return dims
+
+
+def default_output_dir(checkpoint):
+    if os.path.isdir(checkpoint):
+        return os.path.join(checkpoint, "embeddings")
+    return "embeddings_" + checkpoint.rstrip("/").split("/")[-1]
+
+
+def image_rows(args, config):
+    """(rows to embed, their metadata columns, class names or None, a description of the source)."""
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64"),
+                                  "index": datasets.Value("int64")})
+    if args.images is not None:
+        paths = list_images(args.images)
+        positions = np.arange(len(paths))
+        rows = datasets.Dataset.from_dict({"image": [{"path": p, "bytes": None} for p in paths], "label": positions,
+                                           "index": positions}, features=features)
+        return rows, {"path": paths}, None, args.images
+    # a dataset: the run's own splits (seed and fractions from its config) when it trained on this dataset
+    data = config.get("data") or {}
+    same = args.dataset == data.get("dataset")
+    splits = load_splits(args.dataset, args.dataset_path or (data.get("dataset_path") if same else None),
+                         seed=data.get("seed", 0) if same else 0,
+                         val_fraction=data.get("val_fraction", 0.1) if same else 0.1,
+                         test_fraction=data.get("test_fraction", 0.1) if same else 0.1)
+    names = ("train", "val", "test") if args.split == "all" else (args.split,)
+    parts = [(name, getattr(splits, name)) for name in names if getattr(splits, name) is not None]
+    if not parts:
+        raise UserError(f"dataset {args.dataset} has no {args.split} split here (try --split val)")
+    metadata = {"split": [name for name, ds in parts for _ in range(len(ds))],
+                "row": [i for _, ds in parts for i in ds["index"]],
+                "label": [y for _, ds in parts for y in ds["label"]]}
+    images = datasets.concatenate_datasets([ds.select_columns(["image"]) for _, ds in parts])
+    positions = np.arange(len(images))
+    rows = images.add_column("label", positions).add_column("index", positions).cast(features)
+    return rows, metadata, splits.class_names, f"{args.dataset} ({', '.join(name for name, _ in parts)})"
+
+
+def write_embeddings(args, output_dir, features, positions, metadata, class_names, dims, source, seconds, log):
+    """embeddings.parquet (metadata columns + one L2-normalized prefix column per dim), the index, embed.json."""
+    os.makedirs(output_dir, exist_ok=True)
+    kept = positions.tolist()
+    columns = {name: pa.array([values[i] for i in kept]) for name, values in metadata.items()}
+    for d in dims:
+        prefix = F.normalize(features[:, :d].float(), dim=1).numpy()
+        columns[f"embedding_{d}"] = pa.FixedSizeListArray.from_arrays(pa.array(prefix.reshape(-1)), d)
+    table = datasets.Dataset(datasets.table.InMemoryTable(pa.table(columns)))
+    if class_names is not None:  # the label column keeps its class names in the Parquet file's features
+        table = table.cast_column("label", datasets.ClassLabel(names=list(class_names)))
+    table.to_parquet(os.path.join(output_dir, EMBEDDINGS))
+    total = len(metadata[next(iter(metadata))])
+    unreadable = sorted(set(range(total)) - set(kept))
+    skipped = len(unreadable)
+    manifest = {"checkpoint": os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint,
+                "source": source, "count": len(kept), "skipped_unreadable": skipped, "dims": dims,
+                "columns": list(columns), "normalized": True, "index": None}
+    if args.index_dim is not None:
+        name = f"index_d{args.index_dim}_{args.index_type}.faiss"
+        write_index(columns_matrix(table, args.index_dim), args.index_type, os.path.join(output_dir, name))
+        manifest["index"] = {"file": name, "dim": args.index_dim, "type": args.index_type, "rerank_dim": dims[-1]}
+    with open(os.path.join(output_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    name = (lambda i: metadata["path"][i]) if "path" in metadata else (  # noqa: E731
+        lambda i: f"{metadata['split'][i]}[{metadata['row'][i]}]")
+    named = ", ".join(name(i) for i in unreadable[:3]) + (", ..." if skipped > 3 else "")
+    log(f"embedded {len(kept)} images in {seconds:.1f} s"
+        + (f" ({skipped} unreadable, skipped: {named})" if skipped else "")
+        + f"; wrote {os.path.join(output_dir, EMBEDDINGS)} (columns {', '.join(columns)})"
+        + (f" and a {args.index_type} index over dim {args.index_dim}" if args.index_dim else ""))
+
+
+def columns_matrix(table, d):
+    """The `embedding_<d>` column of a dataset or Arrow table as a float32 tensor (n, d)."""
+    column = (table.data.table if isinstance(table, datasets.Dataset) else table).column(f"embedding_{d}")
+    return torch.from_numpy(column.combine_chunks().flatten().to_numpy().reshape(-1, d).copy())
+
+
+def write_index(vectors, kind, path):
+    import faiss
+
+    index = (faiss.IndexFlatIP(vectors.shape[1]) if kind == "flat"
+             else faiss.IndexHNSWFlat(vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT))
+    index.add(vectors.numpy())
+    faiss.write_index(index, path)
+
+
+class FaissShortlist:
+    """A saved faiss index in the interface mrl.retrieval.funnel_search takes: search(queries, k) -> top-k ids."""
+
+    def __init__(self, path):
+        import faiss
+
+        self.index = faiss.read_index(path)
+
+    def search(self, queries, k):
+        if hasattr(self.index, "hnsw"):
+            self.index.hnsw.efSearch = max(128, k)  # the candidate list must hold at least k
+        _, ids = self.index.search(queries.float().cpu().numpy(), k)
+        ids = torch.from_numpy(ids)
+        return torch.where(ids < 0, ids[:, :1], ids)  # -1: a slot HNSW could not fill; repeat the best hit
+
+
+# ---- searching
+
+def search(args):
+    manifest_file = os.path.join(args.index, MANIFEST)
+    if not os.path.isfile(manifest_file):
+        raise UserError(f"--index {args.index} holds no {MANIFEST}: give an --output_dir written by embed.py")
+    with open(manifest_file) as f:
+        manifest = json.load(f)
+    table = pq.read_table(os.path.join(args.index, EMBEDDINGS))
+    index = manifest.get("index")
+    full_dim = index["rerank_dim"] if index else max(manifest["dims"])
+    model = MatryoshkaEncoder.from_pretrained(args.checkpoint or manifest["checkpoint"])
+    queries = [p for q in args.query for p in (list_images(q) if os.path.isdir(q) else [q])]
+    missing = [q for q in queries if not os.path.isfile(q)]
+    if missing:
+        raise UserError(f"--query {missing[0]} is not a file")
+    database = columns_matrix(table, full_dim)
+    k = min(args.top_k, len(database))
+    if index:  # shortlist by the small prefix's index, re-rank at the full dim (mrl.retrieval's funnel)
+        encoded = model.encode(queries, dim=[index["dim"], full_dim], batch_size=args.batch_size)
+        shortlist = min(args.shortlist, len(database))
+        ids = funnel_search(encoded[index["dim"]], columns_matrix(table, index["dim"]), encoded[full_dim], database,
+                            shortlist, k, index=FaissShortlist(os.path.join(args.index, index["file"])))
+        how = (f"shortlist of {shortlist} by dim {index['dim']} ({index['type']} faiss index), re-ranked at dim "
+               f"{full_dim}")
+        query_large = encoded[full_dim]
+    else:
+        query_large = model.encode(queries, dim=full_dim, batch_size=args.batch_size)
+        ids = nearest_neighbors(query_large, database, k)[1]
+        how = f"exact search at dim {full_dim}"
+    scores = torch.einsum("qd,qkd->qk", query_large, database[ids])
+    names = item_names(table)
+    print(f"nearest of {len(database)} images ({how}):")
+    for query, row_ids, row_scores in zip(queries, ids.tolist(), scores.tolist()):
+        print(f"query {query}")
+        for rank, (i, score) in enumerate(zip(row_ids, row_scores), 1):
+            print(f"  {rank:>3}  {score:.4f}  {names[i]}")
+
+
+def item_names(table):
+    """How each embedded image is named in the results: its path, or split[row] and its class."""
+    if "path" in table.column_names:
+        return table.column("path").to_pylist()
+    label = datasets.Features.from_arrow_schema(table.schema)["label"]
+    name = label.int2str if isinstance(label, datasets.ClassLabel) else str
+    return [f"{split}[{row}] label {name(y)}" for split, row, y in
+            zip(*(table.column(c).to_pylist() for c in ("split", "row", "label")))]
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser().parse_args())
