@@ -23,6 +23,8 @@ BENCHMARKS = [  # (script, what it compares, --quick arguments)
      ["--batch_size", "32", "--steps", "2", "--warmup", "1", "--rounds", "1", "--sides", "seed,ours"]),
     ("bench_probe.py", "evaluate.py probe sweep vs the seed's sklearn protocol", ["--quick"]),
     ("bench_augment.py", "two-view augmentation: batched (GPU path) vs PIL in workers", ["--quick"]),
+    ("bench_loader.py", "train_ssl.py data path per epoch: --data_on_device vs DataLoader workers",
+     ["--max_samples", "1024", "--workers", "2", "--epochs", "1"]),
 ]
 
 
