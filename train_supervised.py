@@ -55,6 +55,9 @@ def get_args_parser():
     group.add_argument("--sync_bn", action="store_true",
                        help="multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm), so that a run on "
                             "N GPUs normalizes like one on a single GPU")
+    group.add_argument("--memory_format", default="contiguous", choices=("contiguous", "channels_last"),
+                       help="weight and activation layout: contiguous is PyTorch's default, as the blog; "
+                            "channels_last runs bf16/fp16 convolutions faster on recent GPUs")
     group.add_argument("--max_grad_norm", type=float, default=1.0,
                        help="clip the gradient norm at every optimizer step (0: off). The blog clipped at 1.0, but on "
                             "every micro-batch; here it is clipped once per accumulated step")
@@ -98,6 +101,8 @@ def main(args):
     model = MatryoshkaClassifier(backbone, MatryoshkaHeads(dims, len(splits.class_names), tied=args.tied))
     if args.sync_bn and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.memory_format == "channels_last":  # the convolutions' outputs follow their weights' layout
+        model = model.to(memory_format=torch.channels_last)
     loss_weights = torch.tensor(dim_weights(dims, args.dim_weights))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 

@@ -92,6 +92,15 @@ def time_steps(args, torch, step, device):
 
 def run_seed(args, as_shipped):
     """mrl-pytorch 0.1.1: the loop body of its train.py around the wheel's ReLIC (nesting on the projector)."""
+    import torch
+
+    step, device = seed_step(args, as_shipped)
+    return time_steps(args, torch, step, device)
+
+
+def seed_step(args, as_shipped=False):
+    """(step(x1, x2, global_step), device): mrl-pytorch 0.1.1's training step, from its wheel (put first on sys.path
+    here: call it in a process that has not imported our mrl)."""
     sys.path.insert(0, seed_wheel(args.seed_wheel_dir))
     import torch
 
@@ -130,7 +139,7 @@ def run_seed(args, as_shipped):
 
     if args.precision == "bf16":
         raise SystemExit("mrl-pytorch has no bf16 mode")
-    return time_steps(args, torch, step, device)
+    return step, device
 
 
 def run_ours(args, nest, memory_format):
