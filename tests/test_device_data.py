@@ -37,7 +37,7 @@ def digits():
 
 def dataloader_batches(dataset, batch_size, processes, process, epoch, seed=0):
     """What train_ssl.py's --gpu_augment DataLoader yields on one of `processes` processes in `epoch`: Accelerate's
-    seedable sampler, split_batches, drop_last; decode + resize in the workers."""
+    seedable sampler, split_batches, drop_last; each image decoded and resized as its workers do."""
     dataset = dataset.with_transform(ImageTransform(decode_transform(SIZE), seed=seed))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                          collate_fn=Collate())
