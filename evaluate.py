@@ -16,7 +16,7 @@ splits are those the run trained with (its config's dataset, seed and fractions)
 Results go to --output_dir: results.json, results.md, PNG plots, and with --report_to wandb a W&B run.
 
 examples:
-  python evaluate.py --checkpoint runs/supervised_digits_resnet18
+  python evaluate.py --checkpoint runs/supervised_mrl_digits_resnet18
   python evaluate.py --checkpoint runs/mrl runs/baseline runs/mrl_e --labels MRL baseline MRL-E --output_dir runs/cmp
   accelerate launch --multi_gpu evaluate.py --checkpoint runs/relic_r18 --dataset cifar10 \\
       --dataset_path ../shared/data/cifar10 --dims 4,8,12,16,32,64,128,256,512
@@ -24,6 +24,7 @@ examples:
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -31,26 +32,29 @@ import torch
 from accelerate import Accelerator
 
 from mrl import UserError, cli, plots
-from mrl.checkpoint import MODEL_FILE, TrainState, load_model, read_config
-from mrl.data import ImageTransform, build_transform, load_splits
+from mrl.checkpoint import MODEL_FILE, TrainState, checkpoint_run_dir, is_checkpoint, load_model, read_config
+from mrl.data import ImageTransform, build_transform, load_splits, split_record, trained_rows
 from mrl.features import cache_key, file_digest, load_or_extract, pca
 from mrl.model_card import update_card_with_evaluation
 from mrl.models import default_dims
 from mrl.probe import L2_GRID, cascade, sklearn_probe, torch_probe
 from mrl.retrieval import adaptive_retrieval, neighbor_metrics
-from mrl.tracking import init_tracking, log_image_files, log_per_dim_table, log_summary
+from mrl.tracking import (default_run_name, init_tracking, log_charts, log_image_files, log_summary, log_table,
+                          save_file, update_config, use_model_artifacts)
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("evaluate.py", description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", required=True,
-                        help="trained model folders (config.json + model.safetensors); several go in one table/plot")
+                        help="trained model folders (config.json + model.safetensors), or training checkpoints of a "
+                             "run (<run>/checkpoints/step_N, e.g. of a run still training or stopped); several go in "
+                             "one table/plot")
     parser.add_argument("--labels", nargs="+", default=None,
                         help="one name per checkpoint for tables and plots (default: the folder names)")
     cli.add_data_args(parser, default_dataset=None)
     parser.set_defaults(val_fraction=None, test_fraction=None)
     for action in parser._actions:  # the data flags default to what the (first) checkpoint trained with
-        if action.dest in ("dataset", "dataset_path", "image_size", "val_fraction", "test_fraction"):
+        if action.dest in ("dataset", "dataset_path", "image_size", "val_fraction", "test_fraction", "min_image_size"):
             action.help = action.help.split(" (default")[0] + ". Default: the checkpoint's"
     group = parser.add_argument_group("evaluation")
     group.add_argument("--dims", type=cli.parse_dims, nargs="+", default=None,
@@ -85,10 +89,7 @@ def get_args_parser():
     group.add_argument("--update_model_card", action="store_true",
                        help="also write each run's per-dim results into its model card (<checkpoint>/README.md, "
                             "the page the Hub shows), replacing those of an earlier evaluation")
-    group.add_argument("--report_to", default="auto", choices=("auto", "wandb", "none"),
-                       help="auto = W&B when it is configured (logged in, WANDB_API_KEY or WANDB_MODE set)")
-    group.add_argument("--wandb_project", default="matryoshka", help="W&B project")
-    group.add_argument("--run_name", default=None, help="W&B run name (default: eval_<output folder's parent>)")
+    cli.add_wandb_args(group, "eval_<first run's label> and the start time")
     group.add_argument("--seed", type=int, default=0, help="seed of the validation split the probe carves from train "
                        "when the dataset has no test split (the validation split is then the evaluation set)")
     return parser
@@ -97,19 +98,24 @@ def get_args_parser():
 def main(args):
     check_args(args)
     accelerator = Accelerator(log_with="wandb" if args.report_to == "wandb" else None)
+    # the W&B run starts now, so that the console output below is on its page too
+    init_tracking(accelerator, args, TrainState(), vars(args), job_type="eval")
     log = accelerator.print
     models = [load_run(path, accelerator.device) for path in args.checkpoint]
     labels = args.labels
     dims = [resolve_dims(args, path, config, heads) for path, (_, heads, config) in zip(args.checkpoint, models)]
 
-    # ---- data: the splits the (first) run trained with, unless the flags override them
-    data = resolve_data(args, [config for _, _, config in models])
+    # ---- data: the splits the (first) run trained with, unless the flags override them; and never an image that
+    # any of the runs trained on
+    records = [split_record(config) for _, _, config in models]
+    data = resolve_data(args, records)
     with accelerator.main_process_first():
         splits = load_splits(data["dataset"], data["dataset_path"], seed=data["seed"],
                              val_fraction=data["val_fraction"], test_fraction=data["test_fraction"],
                              max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-                             min_image_size=args.min_image_size)
-    eval_split = "test" if splits.test is not None else "val"
+                             min_image_size=data["min_image_size"])
+        data["excluded_trained_images"] = exclude_trained_images(splits, records, labels, log)
+    eval_split = eval_split_name(splits)
     class_names = splits.class_names
     log(f"{data['dataset']}: {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test) if splits.test is not None else 0} test images, {len(class_names)} classes; "
@@ -130,7 +136,9 @@ def main(args):
         log(f"{label}: features ready in {time.perf_counter() - start:.1f} s; evaluating dims {run_dims}")
         run = evaluate_run(args, features, eval_split, heads, run_dims, len(class_names), accelerator.device, log)
         results["runs"].append({"label": label, "checkpoint": path, "kind": config.get("kind"),
-                                "embed_dim": config["model"]["embed_dim"], **run})
+                                "embed_dim": config["model"]["embed_dim"],
+                                "image_size": args.image_size or config["data"]["image_size"],
+                                "wandb": config.get("wandb"), **run})
         embeddings[label] = features[eval_split]
 
     if accelerator.is_main_process:
@@ -152,38 +160,92 @@ def check_args(args):
         raise UserError("--retrieval_k values must be at least 1")
     if args.labels and len(args.labels) != len(args.checkpoint):
         raise UserError(f"--labels has {len(args.labels)} names for {len(args.checkpoint)} checkpoints")
-    labels = args.labels or [os.path.basename(os.path.normpath(p)) for p in args.checkpoint]
+    labels = args.labels or [run_label(p) for p in args.checkpoint]
     if len(set(labels)) < len(labels):
         raise UserError(f"the runs need distinct names, got {labels}: pass --labels")
     args.labels = labels
-    if args.report_to == "auto":
-        args.report_to = "wandb" if cli.wandb_configured() else "none"
-    args.output_dir = args.output_dir or os.path.join(args.checkpoint[0], "eval")
-    args.run_name = args.run_name or "eval_" + os.path.basename(os.path.normpath(args.checkpoint[0]))
+    cli.resolve_report_to(args)
+    first = args.checkpoint[0]
+    # a training checkpoint's folder is deleted when newer ones replace it: its results go next to it, in the run
+    default = (os.path.join(checkpoint_run_dir(first), f"eval_{os.path.basename(os.path.normpath(first))}")
+               if is_checkpoint(first) else os.path.join(first, "eval"))
+    args.output_dir = args.output_dir or default
+    args.run_name = args.run_name or default_run_name("eval_" + labels[0])
+
+
+def run_label(path):
+    """A run's name in tables and plots: its folder's, or run@step_N for a training checkpoint."""
+    name = os.path.basename(os.path.normpath(path))
+    return f"{os.path.basename(checkpoint_run_dir(path))}@{name}" if is_checkpoint(path) else name
 
 
 def load_run(path, device):
     if not os.path.isdir(path):
         raise UserError(f"--checkpoint {path} does not exist (expected a folder written by a training script)")
-    read_config(path)  # a clear error for a folder that is not a finished run, or from another format version
+    # a finished run, or one of its checkpoints (checkpoints/step_N) read with the run's config.json
+    read_config(path)  # a clear error for a folder that is not a run, or from another format version
     backbone, heads, config = load_model(path)  # on the CPU: safetensors cannot load to a device like "cpu:1"
     return backbone.to(device), heads, config
 
 
-def resolve_data(args, configs):
-    """Dataset and split settings: the flags where given, otherwise the first checkpoint's."""
-    data = configs[0]["data"]
+def resolve_data(args, records):
+    """The splits to evaluate on: the flags where given, otherwise the first run's own split record (its dataset,
+    seed, fractions and minimum image size; the sample caps are evaluate.py's own flags)."""
+    first = records[0]
     if args.dataset is None:
-        others = {c["data"]["dataset"] for c in configs} - {data["dataset"]}
+        others = {r["dataset"] for r in records} - {first["dataset"]}
         if others:
-            raise UserError(f"the checkpoints were trained on different datasets ({data['dataset']}, "
+            raise UserError(f"the checkpoints were trained on different datasets ({first['dataset']}, "
                             f"{', '.join(sorted(others))}); pass --dataset to evaluate them all on one")
-    dataset = args.dataset or data["dataset"]
-    same = dataset == data["dataset"]
-    return {"dataset": dataset, "dataset_path": args.dataset_path or (data.get("dataset_path") if same else None),
-            "seed": data.get("seed", 0),
-            "val_fraction": args.val_fraction if args.val_fraction is not None else data.get("val_fraction", 0.1),
-            "test_fraction": args.test_fraction if args.test_fraction is not None else data.get("test_fraction", 0.1)}
+    dataset = args.dataset or first["dataset"]
+    same = dataset == first["dataset"]
+    flag_or_record = lambda name, default: (getattr(args, name) if getattr(args, name) is not None  # noqa: E731
+                                            else first.get(name, default) if same else default)
+    return {"dataset": dataset, "dataset_path": args.dataset_path or (first.get("dataset_path") if same else None),
+            "seed": first.get("seed", 0), "val_fraction": flag_or_record("val_fraction", 0.1),
+            "test_fraction": flag_or_record("test_fraction", 0.1), "min_image_size": flag_or_record("min_image_size", None)}
+
+
+def eval_split_name(splits):
+    return "test" if splits.test is not None else "val"
+
+
+def exclude_trained_images(splits, records, labels, log):
+    """Drop from the evaluation split every image that one of the runs trained on; returns how many were dropped.
+
+    Only a split carved out of the source's train split can hold such images (a source's own test split, CIFAR's,
+    cannot). A run whose split settings are those of the evaluation trained on a subset of its train split, which is
+    disjoint from the evaluation split by construction; any other run on the same source (another --seed, other
+    fractions or a different --min_image_size) has its training split rebuilt from its record and checked against
+    the record's digest, and its images are removed. When none are left, the run list cannot be compared on this
+    source: one line says which settings differ.
+    """
+    eval_split = eval_split_name(splits)
+    here = splits.record
+    if here["origin"][eval_split] != "train":
+        return 0
+    defining = ("seed", "val_fraction", "test_fraction", "min_image_size")
+    trained = {}
+    for label, record in zip(labels, records):
+        rows = (record.get("source") or {}).get("train", {}).get("rows")
+        if record["dataset"] != here["dataset"] or rows not in (None, here["source"]["train"]["rows"]):
+            continue  # another source: its training images are not among these
+        if all(record.get(key) == here[key] for key in defining):
+            continue
+        trained[label] = trained_rows({**record, "dataset_path": here["dataset_path"]})  # this copy of the source
+    if not trained:
+        return 0
+    dataset = getattr(splits, eval_split)
+    keep = [i for i, index in enumerate(dataset["index"]) if not any(index in rows for rows in trained.values())]
+    differs = "; ".join(f"--{key}: " + ", ".join(f"{label} {record.get(key)}" for label, record in zip(labels, records))
+                        for key in defining if len({str(r.get(key)) for r in records} | {str(here[key])}) > 1)
+    if not keep:
+        raise UserError(f"every {eval_split} image was trained on by one of the runs ({differs}): evaluate them "
+                        "separately, or on a dataset with a test split of its own")
+    log(f"the runs' splits differ ({differs}): evaluating on the {len(keep)} of {len(dataset)} {eval_split} images "
+        f"that none of them trained on")
+    setattr(splits, eval_split, dataset.select(keep))
+    return len(dataset) - len(keep)
 
 
 def check_classes(path, heads, config, class_names):
@@ -383,20 +445,99 @@ def write_outputs(args, accelerator, results, embeddings):
             title=f"{run['label']}: {results['eval_split']} embeddings")
     print(f"saved results.json, results.md and {len(images)} plots in {args.output_dir}")
 
-    # ---- W&B: the same table, the plots and summary numbers on one run page
+    # ---- W&B: the run started with the script; now its tables, charts, summary numbers and plots
     if args.report_to == "wandb":
-        init_tracking(accelerator, args, TrainState(), {**vars(args), "dataset": results["dataset"]})
+        log_results(args, accelerator, results, images, out("results.md"))
+
+
+# An adaptive curve's summary point: the cheapest that is within this much of the full-dim result
+ADAPTIVE_TOLERANCE = 0.01
+
+
+def log_results(args, accelerator, results, images, markdown_path):
+    """The W&B page of an evaluation: one native chart per metric with every run (and its PCA baseline, and its
+    heads) as a line against log2(dim); the per-dim and adaptive tables; summary numbers per run (every metric at
+    every dim, and where each adaptive curve comes within ADAPTIVE_TOLERANCE of the full dim); the plots; results.md
+    (with the protocols) on the Files tab; the values the flags resolved to; and the training runs evaluated, with
+    their model artifacts as this run's inputs."""
+    runs, data = results["runs"], results["dataset"]
+    trained = [{"label": run["label"], "checkpoint": run["checkpoint"], **run["wandb"]}
+               for run in runs if run.get("wandb")]
+    update_config(accelerator, {
+        "dataset": data["dataset"], "dataset_path": data["dataset_path"], "val_fraction": data["val_fraction"],
+        "test_fraction": data["test_fraction"], "min_image_size": data["min_image_size"], "data": data,
+        "eval_split": results["eval_split"], "dims": {run["label"]: run["dims"] for run in runs},
+        "image_size": {run["label"]: run["image_size"] for run in runs},
+        "split_sizes": {run["label"]: run["n"] for run in runs}, "protocols": results["protocols"],
+        "trained_runs": trained, "adaptive_tolerance": ADAPTIVE_TOLERANCE})
+    use_model_artifacts(accelerator, [t for t in trained if not is_checkpoint(t["checkpoint"])])  # final models only
+
+    columns = [c for c in table_columns(args) if any(r.get(c[0]) is not None for run in runs for r in run["per_dim"])]
+    log_table(accelerator, "per_dim", [{"run": run["label"], "dim": r["dim"], "log2_dim": math.log2(r["dim"]),
+                                        **{wandb_key(key): r.get(key) for key, _ in columns}}
+                                       for run in runs for r in run["per_dim"]], step=0)
+    charts = {}
+    for key, title in columns:
+        if key.startswith("pca_") or key == "head":
+            continue  # drawn with their embedding's metric
+        series = {}
         for run in runs:
-            columns = [c for c in table_columns(args) if any(r.get(c[0]) is not None for r in run["per_dim"])]
-            rows = run["per_dim"]
-            log_per_dim_table(accelerator, f"eval/{run['label']}", [r["dim"] for r in rows],
-                              {title: [r.get(key) for r in rows] for key, title in columns}, step=0)
-        log_image_files(accelerator, images, step=0)
-        log_summary(accelerator, {f"{run['label']}/{key}_d{r['dim']}": r[key] for run in runs for r in run["per_dim"]
-                                  for key, _ in table_columns(args) if r.get(key) is not None})
+            for name, column in ((run["label"], key), (f"{run['label']} PCA", f"pca_{key}"),
+                                 (f"{run['label']} heads", "head" if key == "probe" else None)):
+                values = [r.get(column) for r in run["per_dim"]]
+                if column and any(v is not None for v in values):
+                    series[name] = ([r["dim"] for r in run["per_dim"]], values)
+        charts[f"charts/{wandb_key(key)}_vs_dim"] = (f"{title} against log2(dim), {results['eval_split']} split",
+                                                      series)
+    cascades = {f"{run['label']} {source} cascade": ([p["expected_dim"] for p in points],
+                                                      [p["accuracy"] for p in points])
+                for run in runs for source, points in run["adaptive_classification"].items() if source != "heads_fixed"}
+    charts["charts/adaptive_classification"] = ("adaptive classification: top-1 against log2(expected dims)", cascades)
+    log_charts(accelerator, charts, step=0)
+
+    k = args.retrieval_k[0]
+    log_table(accelerator, "adaptive_classification", [
+        {"run": run["label"], "cascade": source, "threshold": p["threshold"], "expected_dim": p["expected_dim"],
+         "accuracy": p["accuracy"]}
+        for run in runs for source, points in run["adaptive_classification"].items() if source != "heads_fixed"
+        for p in points], step=0)
+    log_table(accelerator, "adaptive_retrieval", [
+        {"run": run["label"], **{wandb_key(name): value for name, value in r.items()}}
+        for run in runs for r in run["adaptive_retrieval"]], step=0)
+    log_image_files(accelerator, {f"plots/{name}": path for name, path in images.items()}, step=0)
+    summary = {f"{run['label']}/{wandb_key(key)}_d{r['dim']}": r[key] for run in runs for r in run["per_dim"]
+               for key, _ in columns if r.get(key) is not None}
+    for run in runs:
+        summary.update(adaptive_summary(run, k))
+    log_summary(accelerator, summary)
+    save_file(accelerator, markdown_path)
+
+
+def adaptive_summary(run, k):
+    """Where a run's adaptive curves come within ADAPTIVE_TOLERANCE of their full-dim result: the cascade's
+    expected dims and top-1, and the retrieval shortlist dim with its speed-up and mAP@k."""
+    label, summary = run["label"], {}
+    for source, points in run["adaptive_classification"].items():
+        if source == "heads_fixed":
+            continue
+        full = next(p for p in points if p["threshold"] is None)["accuracy"]
+        best = min((p for p in points if p["accuracy"] >= full - ADAPTIVE_TOLERANCE), key=lambda p: p["expected_dim"])
+        summary.update({f"{label}/adaptive_{source}_expected_dim": best["expected_dim"],
+                        f"{label}/adaptive_{source}_accuracy": best["accuracy"],
+                        f"{label}/adaptive_{source}_full_dim_accuracy": full})
+    rows = run["adaptive_retrieval"]
+    full = next(r for r in rows if r["shortlist"] is None)[f"map@{k}"]
+    best = min((r for r in rows if r[f"map@{k}"] >= full - ADAPTIVE_TOLERANCE), key=lambda r: r["shortlist_dim"])
+    summary.update({f"{label}/adaptive_retrieval_shortlist_dim": best["shortlist_dim"],
+                    f"{label}/adaptive_retrieval_speedup": best["speedup"],
+                    f"{label}/adaptive_retrieval_flops_ratio": best["flops_ratio"],
+                    f"{label}/adaptive_retrieval_{wandb_key(f'map@{k}')}": best[f"map@{k}"],
+                    f"{label}/full_retrieval_{wandb_key(f'map@{k}')}": full})
+    return summary
 
 
 def table_columns(args):
+    """(key in results.json, column title in results.md) of every per-dim metric."""
     k = args.retrieval_k
     columns = [("probe", "probe top-1"), ("knn", "kNN top-1")]
     columns += [c for kk in k for c in ((f"map@{kk}", f"mAP@{kk}"), (f"precision@{kk}", f"P@{kk}"))]
@@ -404,6 +545,11 @@ def table_columns(args):
         columns += [("pca_probe", "PCA probe top-1"), ("pca_knn", "PCA kNN top-1"),
                     (f"pca_map@{k[0]}", f"PCA mAP@{k[0]}")]
     return columns + [("head", "head top-1")]
+
+
+def wandb_key(key):
+    """The W&B name of a results.json key: one scheme, letters, digits and underscores (map@10 -> map_at_10)."""
+    return key.replace("@", "_at_")
 
 
 def results_markdown(args, results):
@@ -430,7 +576,7 @@ def results_markdown(args, results):
         lines += ["", f"## {run['label']}: adaptive retrieval (shortlist, then re-rank at d={run['embed_dim']})", "",
                   f"| d_s | shortlist | mAP@{k} | P@{k} | top-1 | ms / query | speedup | FLOPs ratio |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['shortlist_dim']} | {r['shortlist'] or 'exact'} | {r[f'map@{k}']:.4f} | "
+        lines += [f"| {r['shortlist_dim']} | {r['shortlist'] or 'none (full search)'} | {r[f'map@{k}']:.4f} | "
                   f"{r[f'precision@{k}']:.4f} | {r['top1']:.4f} | {r['ms_per_query']:.3f} | {r['speedup']:.2f} | "
                   f"{r['flops_ratio']:.1f} |" for r in run["adaptive_retrieval"]]
     return "\n".join(lines) + "\n"

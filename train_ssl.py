@@ -35,21 +35,23 @@ import torchvision.transforms as T
 
 from mrl import UserError, cli, plots
 from mrl.augment import BatchAugment, batch_seed, ssl_augmentation
-from mrl.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
+from mrl.checkpoint import (CONFIG_FILE, MODEL_FILE, TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint,
+                            save_model, write_config)
 from mrl.data import Collate, ImageTransform, attach_transforms, build_transform, get_preset, load_splits
 from mrl.device_data import DeviceLoader
 from mrl.ema import EMA
 from mrl.features import embed
-from mrl.guards import LossGuard, Preemption
-from mrl.loop import (accumulation_scale, after_optimizer_step, build_accelerator, count_batch, end_epoch,
-                      epoch_batches, log_train_losses)
+from mrl.guards import LossGuard, Preemption, ignore_signals_in_worker
+from mrl.loop import (StepMeter, accumulation_scale, after_optimizer_step, build_accelerator, count_batch,
+                      end_epoch, epoch_batches, log_train_losses)
 from mrl.losses import MatryoshkaLoss, byol_loss, dim_weights, nt_xent_loss, relic_loss
 from mrl.models import build_backbone, check_dims, default_dims
 from mrl.pretrained import publish_run
 from mrl.projectors import NEST, Projector, predictor
 from mrl.retrieval import knn_predict, nearest_neighbors, normalized_prefix
 from mrl.schedules import constant_schedule, cosine_schedule
-from mrl.tracking import init_tracking, log_image_files, log_per_dim_table
+from mrl.tracking import (finish_tracking, init_tracking, log_history_row, log_image_files, log_model_artifact,
+                          log_per_dim_table, wandb_info)
 
 METHODS = ("relic", "simclr", "byol")
 
@@ -132,7 +134,9 @@ def get_args_parser():
                             "fp16` (or bf16) or an accelerate config; this flag overrides them")
 
     group = parser.add_argument_group("online monitoring (a cheap per-dim kNN accuracy on labeled data)")
-    group.add_argument("--knn_every", type=int, default=5, help="every N epochs, and after the last (0: only after the last)")
+    group.add_argument("--knn_every", type=int, default=5,
+                       help="every N epochs, at the start (the untrained network, for reference) and after the last "
+                            "(0: only after the last)")
     group.add_argument("--knn_k", type=int, default=20, help="neighbours (DINO: 20)")
     group.add_argument("--knn_temperature", type=float, default=0.07, help="vote weight exp(similarity / T) (DINO: 0.07)")
     group.add_argument("--knn_bank_samples", type=int, default=10000,
@@ -235,7 +239,7 @@ def main(args):
     preset = get_preset(args.dataset)
     args.model = args.model or preset.model
     args.image_size = args.image_size or preset.image_size
-    cli.resolve_run_args(args, f"ssl_{args.method}")
+    cli.resolve_run_args(args, f"ssl_{args.method}" + ("_nest-projector" if args.nest == "projector" else ""))
     check_args(args)
 
     if args.fp16_precision and not torch.cuda.is_available():
@@ -277,7 +281,8 @@ def main(args):
     bank = bank.with_transform(ImageTransform(build_transform("ssl", args.image_size, mean, std, train=False)))
     loader = lambda ds, batch_size, train: torch.utils.data.DataLoader(  # noqa: E731
         ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=args.num_workers,
-        collate_fn=Collate(keep_shape=not train), pin_memory=torch.cuda.is_available())
+        collate_fn=Collate(keep_shape=not train), pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_signals_in_worker)
     if not args.data_on_device:
         train_loader = loader(pretrain, args.batch_size, True)  # full batches only: the loss compares within a batch
     if len(train_loader) == 0:
@@ -302,9 +307,9 @@ def main(args):
     if args.sync_bn and accelerator.num_processes > 1:
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
         projector = nn.SyncBatchNorm.convert_sync_batchnorm(projector)
-    model = SSLModel(args.method, backbone, projector, dims, dim_weights(dims, args.dim_weights), ema_schedule,
-                     args.ema_copy_until, args.ema_every, args.alpha, args.max_temperature, args.temperature,
-                     args.proj_hidden_dim)
+    weights = dim_weights(dims, args.dim_weights, given=cli.flat_dims(args.dims))
+    model = SSLModel(args.method, backbone, projector, dims, weights, ema_schedule, args.ema_copy_until,
+                     args.ema_every, args.alpha, args.max_temperature, args.temperature, args.proj_hidden_dim)
     if args.memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(args, model)
@@ -324,45 +329,78 @@ def main(args):
     export_target = unwrapped.target is not None and args.export_encoder != "online"
     exported = Exported(unwrapped.target.module.backbone if export_target else unwrapped.online.backbone,
                         unwrapped.online.projector)
-    config = model_config(args, backbone, dims, splits, preset, mean, std, export_target)
-    init_tracking(accelerator, args, state, {**vars(args), "dims": dims})
+    trained_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    split_sizes = {"pretrain": len(pretrain), "train": len(splits.train), "val": len(splits.val), "knn_bank": len(bank),
+                   "unlabeled": len(splits.unlabeled) if splits.unlabeled is not None else 0}
+    init_tracking(accelerator, args, state, {  # the flags, and what the code derived from them
+        **vars(args), "dims": dims, "knn_dims": knn_dims, "embed_dim": backbone.embed_dim,
+        "num_classes": len(splits.class_names), "split_sizes": split_sizes, "trained_parameters": trained_parameters,
+        "steps_per_epoch": steps_per_epoch, "processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision, "loss_per_dim_at_chance": loss_at_chance(args),
+        "knn_accuracy_at_chance": 1 / len(splits.class_names)}, relog=lambda row: knn_log(knn_dims, row))
+    config = {**model_config(args, backbone, dims, splits, preset, mean, std, export_target),
+              "wandb": wandb_info(state, args)}
+    if accelerator.is_main_process:  # now, not only at the end: the run's checkpoints can be evaluated with it
+        write_config(args.output_dir, config)
     accelerator.print(
         f"{args.dataset}: {len(pretrain)} training images"
         + (f" ({len(splits.train)} train + {len(splits.unlabeled)} unlabeled)" if splits.unlabeled is not None else "")
         + f", kNN monitor: {len(bank)} labeled bank / {len(splits.val)} val images, {len(splits.class_names)} classes"
         + f"\n{args.method} on {args.model} (embedding {backbone.embed_dim}), nested on the {args.nest} at dims {dims}, "
-        + f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained parameters"
+        + f"{trained_parameters:,} trained parameters"
         + f"\n{args.epochs} epochs x {steps_per_epoch} optimizer steps, {accelerator.num_processes} process(es), "
         + f"mixed precision: {accelerator.mixed_precision}, augmentation on the {'accelerator' if gpu_augment else 'CPU'}"
         + (" (data too: --data_on_device)" if args.data_on_device else "") + f", output: {args.output_dir}")
 
-    # ---- train
+    # ---- train; the online kNN of the untrained network (step 0) is the reference the kNN curve rises from
     knn = None
+    monitored = (exported.backbone, bank_loader, query_loader, knn_dims, len(splits.class_names))
+    if args.knn_every and not state.history:
+        monitor_knn(args, accelerator, state, 0, *monitored)
     for epoch in range(state.epoch, args.epochs):
         train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, gpu_augment, dims,
                         lr_schedule, state, epoch, preemption)
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         if epoch + 1 == args.epochs or (args.knn_every and (epoch + 1) % args.knn_every == 0):
-            knn = knn_monitor(args, accelerator, exported.backbone, bank_loader, query_loader, knn_dims,
-                              len(splits.class_names))
-            state.history.append({"epoch": epoch + 1, "step": state.step, "knn_accuracy": knn})
-            accelerator.log({"epoch": epoch + 1, **{f"knn/accuracy_d{d}": a for d, a in zip(knn_dims, knn)}},
-                            step=state.step)
-            log_per_dim_table(accelerator, "knn_accuracy_per_dim", knn_dims, {"knn_accuracy": knn}, step=state.step)
-            accelerator.print(f"epoch {epoch + 1}: kNN accuracy " + "  ".join(
-                f"d{d} {a:.3f}" for d, a in zip(knn_dims, knn)))
+            knn = monitor_knn(args, accelerator, state, epoch + 1, *monitored)
         if args.checkpointing_steps == "epoch":
             save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
 
     # ---- model and reports
     if knn is None:  # a resumed run that had already finished its epochs
-        knn = knn_monitor(args, accelerator, exported.backbone, bank_loader, query_loader, knn_dims,
-                          len(splits.class_names))
+        knn = knn_monitor(args, accelerator, *monitored)
     save_model(accelerator, exported.to(memory_format=torch.contiguous_format), args.output_dir, config)
     if accelerator.is_main_process:
         write_reports(args, accelerator, knn_dims, knn, state)
+    log_model_artifact(accelerator, args, state, [os.path.join(args.output_dir, f) for f in (MODEL_FILE, CONFIG_FILE)],
+                       {"dims": dims, "dataset": args.dataset, "backbone": args.model, "method": args.method,
+                        "knn_accuracy": knn})
+    finish_tracking(accelerator)
     accelerator.end_training()
     publish_run(args, accelerator, "train_ssl.py")  # the model card; with --push_to_hub, the upload
+
+
+def monitor_knn(args, accelerator, state, epoch, backbone, bank_loader, query_loader, dims, num_classes):
+    """The online kNN after `epoch` (0: the untrained network): kept in the history, logged (its series, and a
+    per-dim table) and printed."""
+    knn = knn_monitor(args, accelerator, backbone, bank_loader, query_loader, dims, num_classes)
+    state.history.append({"epoch": epoch, "step": state.step, "knn_accuracy": knn})
+    log_history_row(accelerator, state, knn_log(dims, state.history[-1]), step=state.step)
+    log_per_dim_table(accelerator, "knn_accuracy_per_dim", dims, {"knn_accuracy": knn}, step=state.step)
+    accelerator.print(f"epoch {epoch}: kNN accuracy " + "  ".join(f"d{d} {a:.3f}" for d, a in zip(dims, knn)))
+    return knn
+
+
+def knn_log(dims, row):
+    """What W&B gets for a kNN row of state.history (and what a resumed run logs again)."""
+    return {"epoch": row["epoch"], **{f"knn/accuracy_d{d}": a for d, a in zip(dims, row["knn_accuracy"])}}
+
+
+def loss_at_chance(args):
+    """Each dim's loss when the network tells no image from another, for reading the loss curve: ReLIC and SimCLR
+    pick each image's other view among the batch's (ln B) or both views' (ln(2B - 1)) candidates; BYOL's normalized
+    MSE has no such level."""
+    return {"relic": math.log(args.batch_size), "simclr": math.log(2 * args.batch_size - 1)}.get(args.method)
 
 
 def check_args(args):
@@ -400,10 +438,12 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
         batches, progress = train_loader.epoch_batches(accelerator, state, epoch, args.epochs)
     else:
         batches, progress = epoch_batches(accelerator, train_loader, train_transform, state, epoch, args.epochs)
-    group_losses, skipped, loaded = [], 0, 0
+    group_losses, skipped, loaded, unreadable = [], 0, 0, []
     guard = LossGuard(accelerator.device)  # NaN/inf loss: checked before logging and saving, no sync per step
-    for batch in batches:
+    meter = StepMeter(state.step)  # throughput and data-wait time between logs
+    for batch in meter.batches(batches):
         skipped, loaded = skipped + batch["skipped"], loaded + len(batch["labels"])  # no device sync per batch
+        unreadable += batch.get("unreadable", [])
         if batch["labels"].numel() == 0:  # every image of this batch was unreadable
             state.batch_in_epoch += 1
             continue
@@ -413,9 +453,10 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
             views = [gpu_augment(views, generator), gpu_augment(views, generator)]
         if channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        loss, per_dim, gamma = training_step(
+        loss, per_dim, gamma, grad_norm = training_step(
             accelerator, model, optimizer, views, float(lr_schedule[state.step]), args.max_grad_norm, state.step,
-            accumulation_scale(state.batch_in_epoch, len(train_loader), args.grad_accum_steps))
+            accumulation_scale(state.batch_in_epoch, len(train_loader), args.grad_accum_steps),
+            measure_norm=(state.step + 1) % args.log_every == 0)
         group_losses.append(per_dim)
         if not count_batch(accelerator, state, guard, progress, loss):
             continue  # mid accumulation group
@@ -425,33 +466,35 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
             if unwrapped.logit_scale() is not None:
                 extra["train/logit_scale"] = unwrapped.logit_scale().item()
             log_train_losses(accelerator, progress, state, epoch, len(train_loader), dims, unwrapped.loss.weights,
-                             group_losses, float(lr_schedule[state.step - 1]), **extra)
+                             group_losses, float(lr_schedule[state.step - 1]), grad_norm, meter, **extra)
         group_losses = []
         after_optimizer_step(args, accelerator, state, guard, preemption)
     progress.close()
     guard.check(accelerator)
-    end_epoch(accelerator, skipped, loaded, epoch, state.step, time.perf_counter() - start)
+    end_epoch(accelerator, skipped, loaded, epoch, state.step, time.perf_counter() - start, unreadable)
 
 
-def training_step(accelerator, model, optimizer, views, lr, max_grad_norm, step, scale=1.0):
+def training_step(accelerator, model, optimizer, views, lr, max_grad_norm, step, scale=1.0, measure_norm=False):
     """One forward and backward pass on the two views. At the end of an accumulation group the optimizer steps at
     `lr` (after clipping) and then the EMA target moves: once per optimizer step, not per micro-batch. `scale`
     multiplies the loss in backward (see loop.accumulation_scale). Returns the loss and the per-dim losses, detached,
-    and the target's momentum at optimizer step `step` (None on micro-batches that do not step, and for SimCLR)."""
-    gamma = None
+    the target's momentum at optimizer step `step` (None on micro-batches that do not step, and for SimCLR), and the
+    gradient norm before clipping (a device tensor) where the step clipped or `measure_norm` asked for it."""
+    gamma = grad_norm = None
     with accelerator.accumulate(model):
         loss, per_dim = model(*views)
         accelerator.backward(loss * scale if scale != 1.0 else loss)
         if accelerator.sync_gradients:
             for group in optimizer.param_groups:
                 group["lr"] = lr  # a Python float: a numpy scalar in the optimizer state would not reload
-            if max_grad_norm > 0:
-                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+            if max_grad_norm > 0 or measure_norm:  # an infinite threshold measures without clipping
+                grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                        max_grad_norm if max_grad_norm > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad()
         if accelerator.sync_gradients:
             gamma = accelerator.unwrap_model(model).update_target(step)
-    return loss.detach(), per_dim, gamma
+    return loss.detach(), per_dim, gamma, grad_norm
 
 
 def knn_monitor(args, accelerator, backbone, bank_loader, query_loader, dims, num_classes):
@@ -486,6 +529,7 @@ def model_config(args, backbone, dims, splits, preset, mean, std, export_target)
         "data": {"dataset": args.dataset, "dataset_path": args.dataset_path, "image_size": args.image_size,
                  "mean": list(mean), "std": list(std), "augment": "ssl", "seed": args.seed,
                  "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+                 "splits": splits.record,  # everything that defines the splits: evaluate.py rebuilds them from it
                  "class_names": splits.class_names},
         "args": vars(args),
     }
@@ -507,7 +551,11 @@ def write_reports(args, accelerator, dims, knn, state):
         curves = {f"epoch {h['epoch']}": (dims, h["knn_accuracy"]) for h in state.history[-4:]}
         path = plots.accuracy_vs_dim(curves, os.path.join(args.output_dir, "knn_accuracy_vs_dim.png"),
                                      ylabel="online kNN accuracy", title=f"{args.method}: kNN accuracy against dim")
-        log_image_files(accelerator, {"knn_accuracy_vs_dim": path}, step=state.step)
+        log_image_files(accelerator, {"plots/knn_accuracy_vs_dim": path}, step=state.step)
+    log_per_dim_table(accelerator, "knn_accuracy_per_epoch", dims,  # one native chart: a line per evaluated epoch
+                      {f"epoch {h['epoch']}": h["knn_accuracy"] for h in state.history}, step=state.step,
+                      chart_key="charts/knn_accuracy_vs_dim",
+                      title=f"{args.method}: online kNN accuracy against log2(dim)")
 
 
 if __name__ == "__main__":

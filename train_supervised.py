@@ -22,16 +22,18 @@ import time
 import torch
 
 from mrl import UserError, cli, plots
-from mrl.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
+from mrl.checkpoint import (CONFIG_FILE, MODEL_FILE, TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint,
+                            save_model, write_config)
 from mrl.data import Collate, attach_transforms, get_preset, load_splits
-from mrl.guards import LossGuard, Preemption
-from mrl.loop import (accumulation_scale, after_optimizer_step, build_accelerator, count_batch, end_epoch,
-                      epoch_batches, log_train_losses)
+from mrl.guards import LossGuard, Preemption, ignore_signals_in_worker
+from mrl.loop import (StepMeter, accumulation_scale, after_optimizer_step, build_accelerator, count_batch,
+                      end_epoch, epoch_batches, log_train_losses)
 from mrl.losses import dim_weights, per_head_cross_entropy
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
 from mrl.pretrained import publish_run
 from mrl.schedules import exponential_schedule
-from mrl.tracking import init_tracking, log_image_files, log_per_dim_table
+from mrl.tracking import (finish_tracking, init_tracking, log_history_row, log_image_files, log_model_artifact,
+                          log_per_dim_table, log_summary, wandb_info)
 
 
 def get_args_parser():
@@ -70,7 +72,7 @@ def main(args):
     preset = get_preset(args.dataset)
     args.model = args.model or preset.model
     args.image_size = args.image_size or preset.image_size
-    cli.resolve_run_args(args, "supervised_baseline" if args.baseline else "supervised")
+    cli.resolve_run_args(args, "supervised_" + ("baseline" if args.baseline else "mrl-e" if args.tied else "mrl"))
 
     accelerator = build_accelerator(args)  # --batch_size is the global batch, split over the processes
     preemption = Preemption()
@@ -86,7 +88,7 @@ def main(args):
     eval_batch_size = args.batch_size * args.grad_accum_steps  # no activations kept for backward: bigger batches fit
     loader = lambda ds, batch_size, shuffle, keep_shape: torch.utils.data.DataLoader(  # noqa: E731
         ds, batch_size=batch_size, shuffle=shuffle, num_workers=args.num_workers, collate_fn=Collate(keep_shape),
-        pin_memory=torch.cuda.is_available())
+        pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_signals_in_worker)
     train_loader = loader(splits.train, args.batch_size, True, False)
     val_loader = loader(splits.val, eval_batch_size, False, True)
     test_loader = loader(splits.test, eval_batch_size, False, True) if splits.test is not None else None
@@ -103,7 +105,7 @@ def main(args):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.memory_format == "channels_last":  # the convolutions' outputs follow their weights' layout
         model = model.to(memory_format=torch.channels_last)
-    loss_weights = torch.tensor(dim_weights(dims, args.dim_weights))
+    loss_weights = torch.tensor(dim_weights(dims, args.dim_weights, given=cli.flat_dims(args.dims)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -119,15 +121,24 @@ def main(args):
     resumed = load_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
     if resumed:
         accelerator.print(f"resumed from {resumed}: epoch {state.epoch}, step {state.step}, batch {state.batch_in_epoch}")
-    config = model_config(args, backbone, dims, splits, preset)
-    init_tracking(accelerator, args, state, {**vars(args), "dims": dims})
+    parameters = sum(p.numel() for p in model.parameters())
+    split_sizes = {"train": len(splits.train), "val": len(splits.val),
+                   "test": len(splits.test) if splits.test is not None else 0}
+    init_tracking(accelerator, args, state, {  # the flags, and what the code derived from them
+        **vars(args), "dims": dims, "embed_dim": backbone.embed_dim, "num_classes": len(splits.class_names),
+        "split_sizes": split_sizes, "parameters": parameters, "steps_per_epoch": steps_per_epoch,
+        "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        "accuracy_at_chance": 1 / len(splits.class_names)}, relog=lambda row: validation_log(dims, row))
+    config = {**model_config(args, backbone, dims, splits, preset), "wandb": wandb_info(state, args)}
+    if accelerator.is_main_process:  # now, not only at the end: the run's checkpoints can be evaluated with it
+        write_config(args.output_dir, config)
     accelerator.print(
         f"{args.dataset}: {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test) if splits.test is not None else 0} test images, {len(splits.class_names)} classes"
         + (f" ({splits.dropped} dropped: under {args.min_image_size or preset.min_image_size} px or unreadable)"
            if splits.dropped else "")
         + f"\n{args.model}: embedding {backbone.embed_dim}, heads at dims {dims}"
-        + f"{' (MRL-E, tied)' if args.tied else ''}, {sum(p.numel() for p in model.parameters()):,} parameters"
+        + f"{' (MRL-E, tied)' if args.tied else ''}, {parameters:,} parameters"
         + f"\n{args.epochs} epochs x {steps_per_epoch} optimizer steps, {accelerator.num_processes} process(es), "
         + f"mixed precision: {accelerator.mixed_precision}, output: {args.output_dir}")
 
@@ -139,9 +150,7 @@ def main(args):
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         state.history.append({"epoch": epoch + 1, "step": state.step, "val_accuracy": val["accuracy"],
                               "val_loss": val["loss"]})
-        accelerator.log({"epoch": epoch + 1, "val/loss": sum(val["loss"]),
-                         **{f"val/accuracy_d{d}": a for d, a in zip(dims, val["accuracy"])},
-                         **{f"val/loss_d{d}": l for d, l in zip(dims, val["loss"])}}, step=state.step)
+        log_history_row(accelerator, state, validation_log(dims, state.history[-1]), step=state.step)
         accelerator.print(f"epoch {epoch + 1}: val accuracy " + "  ".join(
             f"d{d} {a:.3f}" for d, a in zip(dims, val["accuracy"])))
         if args.checkpointing_steps == "epoch":
@@ -153,6 +162,10 @@ def main(args):
     save_model(accelerator, model, args.output_dir, config)
     if accelerator.is_main_process:
         write_reports(args, accelerator, dims, val, test, state, splits.class_names)
+    log_model_artifact(accelerator, args, state, [os.path.join(args.output_dir, f) for f in (MODEL_FILE, CONFIG_FILE)],
+                       {"dims": dims, "dataset": args.dataset, "backbone": args.model,
+                        "test_accuracy": test["accuracy"] if test else None})
+    finish_tracking(accelerator)
     accelerator.end_training()
     publish_run(args, accelerator, "train_supervised.py")  # the model card; with --push_to_hub, the upload
 
@@ -162,34 +175,40 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
     model.train()
     start = time.perf_counter()
     batches, progress = epoch_batches(accelerator, train_loader, train_transform, state, epoch, args.epochs)
-    group_losses, skipped, loaded = [], 0, 0
+    group_losses, skipped, loaded, unreadable = [], 0, 0, []
     guard = LossGuard(accelerator.device)
-    for batch in batches:
+    meter = StepMeter(state.step)  # throughput and data-wait time between logs
+    for batch in meter.batches(batches):
         skipped, loaded = skipped + batch["skipped"], loaded + len(batch["labels"])  # no device sync per batch
+        unreadable += batch.get("unreadable", [])
         if batch["labels"].numel() == 0:  # every image of this batch was unreadable
             state.batch_in_epoch += 1
             continue
-        loss, per_dim = training_step(accelerator, model, optimizer, batch, loss_weights,
-                                      float(lr_schedule[state.step]), args.max_grad_norm,
-                                      accumulation_scale(state.batch_in_epoch, len(train_loader), args.grad_accum_steps))
+        loss, per_dim, grad_norm = training_step(
+            accelerator, model, optimizer, batch, loss_weights, float(lr_schedule[state.step]), args.max_grad_norm,
+            accumulation_scale(state.batch_in_epoch, len(train_loader), args.grad_accum_steps),
+            measure_norm=(state.step + 1) % args.log_every == 0)
         group_losses.append(per_dim)
         if not count_batch(accelerator, state, guard, progress, loss):
             continue  # mid accumulation group
         if state.step % args.log_every == 0:
             guard.check(accelerator)
             log_train_losses(accelerator, progress, state, epoch, len(train_loader), dims, loss_weights, group_losses,
-                             float(lr_schedule[state.step - 1]))
+                             float(lr_schedule[state.step - 1]), grad_norm, meter)
         group_losses = []
         after_optimizer_step(args, accelerator, state, guard, preemption)
     progress.close()
     guard.check(accelerator)
-    end_epoch(accelerator, skipped, loaded, epoch, state.step, time.perf_counter() - start)
+    end_epoch(accelerator, skipped, loaded, epoch, state.step, time.perf_counter() - start, unreadable)
 
 
-def training_step(accelerator, model, optimizer, batch, loss_weights, lr, max_grad_norm, scale=1.0):
+def training_step(accelerator, model, optimizer, batch, loss_weights, lr, max_grad_norm, scale=1.0,
+                  measure_norm=False):
     """One forward and backward pass; at the end of an accumulation group, the optimizer steps at `lr` after
     clipping (once per step, not per micro-batch). `scale` multiplies the loss in backward (see
-    loop.accumulation_scale). Returns the loss and the per-head losses, detached."""
+    loop.accumulation_scale). Returns the loss and the per-head losses, detached, and the gradient norm before
+    clipping (a device tensor, read when logged) where the step clipped or `measure_norm` asked for it, else None."""
+    grad_norm = None
     with accelerator.accumulate(model):
         _, logits = model(batch["pixel_values"])
         per_dim = per_head_cross_entropy(logits, batch["labels"])
@@ -198,11 +217,12 @@ def training_step(accelerator, model, optimizer, batch, loss_weights, lr, max_gr
         if accelerator.sync_gradients:
             for group in optimizer.param_groups:
                 group["lr"] = lr  # a Python float: a numpy scalar in the optimizer state would not reload
-            if max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if max_grad_norm > 0 or measure_norm:  # an infinite threshold measures without clipping
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                        max_grad_norm if max_grad_norm > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad()
-    return loss.detach(), per_dim.detach()
+    return loss.detach(), per_dim.detach(), grad_norm
 
 
 @torch.no_grad()
@@ -236,6 +256,14 @@ def evaluate(accelerator, model, loader, dims, keep_embeddings=0):
     return result
 
 
+def validation_log(dims, row):
+    """What W&B gets for an epoch's validation row of state.history (and what a resumed run logs again)."""
+    return {"epoch": row["epoch"], "val/loss": sum(row["val_loss"]),
+            "val/loss_mean_over_dims": sum(row["val_loss"]) / len(row["val_loss"]),
+            **{f"val/accuracy_d{d}": a for d, a in zip(dims, row["val_accuracy"])},
+            **{f"val/loss_d{d}": l for d, l in zip(dims, row["val_loss"])}}
+
+
 def model_config(args, backbone, dims, splits, preset):
     """What evaluate.py needs to rebuild the model and its preprocessing (saved as config.json)."""
     return {
@@ -246,7 +274,8 @@ def model_config(args, backbone, dims, splits, preset):
                   "class_names": splits.class_names},
         "data": {"dataset": args.dataset, "dataset_path": args.dataset_path, "image_size": args.image_size,
                  "mean": list(preset.mean), "std": list(preset.std), "augment": preset.augment, "seed": args.seed,
-                 "val_fraction": args.val_fraction, "test_fraction": args.test_fraction},
+                 "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+                 "splits": splits.record},  # everything that defines the splits: evaluate.py rebuilds them from it
         "args": vars(args),
     }
 
@@ -267,7 +296,11 @@ def write_reports(args, accelerator, dims, val, test, state, class_names):
     for i, d in enumerate(dims):
         print(f"{d:>5}  " + "  ".join(f"{columns[c][i]:>13.4f}" for c in columns))
     print(f"saved {os.path.join(args.output_dir, 'model.safetensors')} and metrics.json")
-    log_per_dim_table(accelerator, "accuracy_per_dim", dims, columns, step=state.step)
+    log_per_dim_table(accelerator, "accuracy_per_dim", dims, columns, step=state.step,
+                      chart_key="charts/accuracy_vs_dim", title=f"{label} heads: accuracy against log2(dim)")
+    if test:  # the runs table compares runs by these (val/accuracy_d* hold their best and last epochs there)
+        log_summary(accelerator, {f"test/{name}_d{d}": value for name in ("accuracy", "loss")
+                                  for d, value in zip(dims, test[name])})
 
     plot_dims = sorted({dims[0], dims[len(dims) // 3], dims[2 * len(dims) // 3], dims[-1]})
     images = {"embeddings/pca": plots.pca_scatter(val["embeddings"], val["labels"], plot_dims, class_names,
@@ -275,7 +308,8 @@ def write_reports(args, accelerator, dims, val, test, state, class_names):
                                                   title=f"validation embeddings, {label}")}
     if len(dims) > 1:
         curves = {f"{name} ({label})": (dims, values) for name, values in columns.items()}
-        images["accuracy_vs_dim"] = plots.accuracy_vs_dim(curves, os.path.join(args.output_dir, "accuracy_vs_dim.png"))
+        images["plots/accuracy_vs_dim"] = plots.accuracy_vs_dim(curves,
+                                                               os.path.join(args.output_dir, "accuracy_vs_dim.png"))
     log_image_files(accelerator, images, step=state.step)
 
 

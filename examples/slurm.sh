@@ -2,8 +2,11 @@
 # Multi-node training under Slurm with `accelerate launch`: one Slurm task per node, each starting one training
 # process per GPU. Preemption-safe: Slurm signals this batch shell two minutes before the time limit
 # (--signal=B:USR1@120); the shell sends SIGTERM to the job step, srun passes it to every node's `accelerate launch`,
-# which passes it to its training processes; they save a checkpoint at the next optimizer step and exit; the job
-# requeues itself and the next start resumes from that checkpoint (--resume_from_checkpoint latest).
+# which passes it to its training processes; they save a checkpoint at the next optimizer step and exit. Whenever a
+# run stopped for a preemption -- this time limit, or a signal from anywhere else, such as Slurm preempting the job
+# for another -- it leaves the file PREEMPTED in its --output_dir (the launcher turns the training processes' exit
+# status 75 into its own 1, so the status alone cannot tell); the job then requeues itself and the next start
+# resumes from that checkpoint (--resume_from_checkpoint latest).
 #
 #   sbatch examples/slurm.sh train_ssl.py --method relic --model resnet50 --output_dir runs/relic_r50
 #
@@ -22,6 +25,18 @@
 
 set -u
 SCRIPT=$1; shift
+OUTPUT_DIR=""
+args=("$@")
+for i in "${!args[@]}"; do
+    case "${args[$i]}" in
+        --output_dir|-save_model_dir|--save_model_dir) OUTPUT_DIR=${args[$((i + 1))]:-} ;;
+        --output_dir=*) OUTPUT_DIR=${args[$i]#--output_dir=} ;;
+    esac
+done
+if [ -z "$OUTPUT_DIR" ]; then
+    echo "pass --output_dir: a requeued job resumes from the checkpoints there" >&2
+    exit 2
+fi
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
 MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 
@@ -37,8 +52,9 @@ step=$!
 # `wait` returns as soon as the trap runs: keep waiting until the step has really ended.
 while wait "$step"; status=$?; kill -0 "$step" 2>/dev/null; do :; done
 
-if [ "$preempted" -eq 1 ]; then
-    echo "preempted: checkpoint saved, requeueing job $SLURM_JOB_ID"
+if [ "$preempted" -eq 1 ] || [ "$status" -eq 75 ] || [ -f "$OUTPUT_DIR/PREEMPTED" ]; then
+    echo "preempted: checkpoint saved ($(cat "$OUTPUT_DIR/PREEMPTED" 2>/dev/null)), requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
+    exit 0
 fi
 exit "$status"

@@ -124,17 +124,42 @@ def _required_files(accelerator):
     return [MODEL_FILE, "optimizer.bin", f"random_states_{accelerator.process_index}.pkl", "custom_checkpoint_0.pkl"]
 
 
+def write_config(output_dir, config):
+    """config.json: written when training starts (so that the run's checkpoints can be evaluated while it runs or
+    after it stopped) and again with the final model."""
+    with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, **config}, f, indent=2)
+
+
 def save_model(accelerator, model, output_dir, config):
     """The trained model as safetensors plus the JSON config that load_model rebuilds it from."""
     accelerator.save_model(model, output_dir)
     if accelerator.is_main_process:
-        with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
-            json.dump({"format_version": FORMAT_VERSION, **config}, f, indent=2)
+        # safetensors writes through a private temporary file (mode 0600); give it the mode of every other output
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(os.path.join(output_dir, MODEL_FILE), 0o666 & ~umask)
+        write_config(output_dir, config)
+
+
+def is_checkpoint(path):
+    """Whether `path` is one of a run's training checkpoints (checkpoints/step_N) rather than a finished run."""
+    return os.path.isfile(os.path.join(path, "custom_checkpoint_0.pkl"))
+
+
+def checkpoint_run_dir(path):
+    return os.path.dirname(os.path.dirname(os.path.abspath(path)))
 
 
 def read_config(path):
-    file = os.path.join(path, CONFIG_FILE)
+    """The config.json of a finished run folder, or of the run a checkpoint folder belongs to."""
+    folder = checkpoint_run_dir(path) if is_checkpoint(path) else path
+    file = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(file):
+        if is_checkpoint(path):
+            raise UserError(f"{path} is a training checkpoint, but its run folder {folder} has no {CONFIG_FILE} (runs "
+                            "of earlier versions wrote it only at the end): resume the run to finish it, then "
+                            "evaluate the run folder")
         raise UserError(f"{path} is not a trained model folder: {CONFIG_FILE} is missing")
     with open(file) as f:
         config = json.load(f)
@@ -143,17 +168,36 @@ def read_config(path):
     return config
 
 
+def weight_prefixes(config, checkpoint):
+    """Where the backbone and heads sit in a weights file: `backbone.*` and `heads.*` in a finished run's
+    model.safetensors; in a training checkpoint, the keys of the whole training model (for SSL runs the exported
+    encoder: the EMA target's backbone or the online one)."""
+    if not checkpoint or config.get("kind") != "ssl":
+        return "backbone.", "heads."
+    encoder = "target.module" if (config.get("ssl") or {}).get("exported") == "target" else "online"
+    return f"{encoder}.backbone.", None
+
+
 def load_model(path, device="cpu"):
-    """(backbone, heads or None, config) of a model saved by save_model, in eval mode."""
+    """(backbone, heads or None, config) of a model saved by save_model, or of a training checkpoint of a run
+    (checkpoints/step_N), in eval mode."""
     config = read_config(path)
     weights = os.path.join(path, MODEL_FILE)
     if not os.path.isfile(weights):
-        raise UserError(f"{path} has {CONFIG_FILE} but no {MODEL_FILE}: the run did not finish saving")
-    state = load_file(weights, device=str(device))
+        raise UserError(f"{path} has {CONFIG_FILE} but no {MODEL_FILE}: the run has not finished (or was stopped)"
+                        + _checkpoint_hint(path))
+    try:
+        state = load_file(weights, device=str(device))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise UserError(f"{weights} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the file is "
+                        "damaged or incomplete; copy it again, or evaluate one of the run's checkpoints") from None
+    # a compiled or DDP-wrapped model's keys carry these prefixes in checkpoints
+    state = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
+    backbone_prefix, heads_prefix = weight_prefixes(config, is_checkpoint(path))
     backbone, heads = build_model(config)
-    backbone.load_state_dict(_with_prefix(state, "backbone."))
+    backbone.load_state_dict(_with_prefix(state, backbone_prefix))
     if heads is not None:
-        heads.load_state_dict(_with_prefix(state, "heads."))
+        heads.load_state_dict(_with_prefix(state, heads_prefix))
     for module in (backbone, heads):
         if module is not None:
             module.to(device).eval()
@@ -168,6 +212,11 @@ def build_model(config):
     if config.get("heads"):
         heads = MatryoshkaHeads(config["heads"]["dims"], config["heads"]["num_classes"], config["heads"]["tied"])
     return backbone, heads
+
+
+def _checkpoint_hint(path):
+    found = list_checkpoints(path)
+    return f"; evaluate its newest checkpoint, {found[-1]}, or resume it" if found else ""
 
 
 def _with_prefix(state, prefix):

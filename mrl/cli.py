@@ -5,18 +5,26 @@ Accelerate's own settings (mixed precision, number of processes and machines) ar
 """
 
 import argparse
+import netrc
 import os
 import shutil
 import sys
+from urllib.parse import urlparse
 
 from mrl import UserError
 from mrl.data import PRESETS
-from mrl.guards import PREEMPTED_EXIT_CODE, Preempted
+from mrl.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, Preempted
 from mrl.models import BACKBONES
+from mrl.tracking import FLUSHED_FILE
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """--help with each flag's default, except where the help text already says what it is or there is none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parse_dims(text):
@@ -71,7 +79,8 @@ def add_run_args(parser, default_epochs):
     group = parser.add_argument_group("run, checkpoints and logging")
     group.add_argument("--epochs", type=int, default=default_epochs, help="training epochs")
     group.add_argument("--output_dir", default=None,
-                       help="where the model, metrics, plots and checkpoints go (default: runs/<script>_<dataset>_<model>)")
+                       help="where the model, metrics, plots and checkpoints go (default: runs/<variant>_<dataset>_<model>, e.g. "
+                            "runs/supervised_mrl-e_cifar10_resnet18, runs/ssl_relic_cifar10_resnet18)")
     group.add_argument("--overwrite", action="store_true",
                        help="allow writing into an --output_dir that already holds a finished run or checkpoints")
     group.add_argument("--resume_from_checkpoint", default=None,
@@ -80,12 +89,27 @@ def add_run_args(parser, default_epochs):
     group.add_argument("--checkpointing_steps", default="epoch",
                        help="save a resumable checkpoint every N optimizer steps, or 'epoch'")
     group.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep only the newest N checkpoints")
-    group.add_argument("--report_to", default="auto", choices=("auto", "wandb", "none"),
-                       help="where to log; auto = W&B when it is configured (logged in, WANDB_API_KEY or WANDB_MODE set)")
-    group.add_argument("--wandb_project", default="matryoshka", help="W&B project")
-    group.add_argument("--run_name", default=None, help="W&B run name (default: the output folder's name)")
-    group.add_argument("--log_every", type=int, default=10, help="log the train loss every N optimizer steps")
+    add_wandb_args(group, "the output folder's name and the start time, e.g. "
+                          "supervised_mrl_cifar10_resnet18-1127-090512; a resumed run keeps its name")
+    group.add_argument("--log_every", type=int, default=10,
+                       help="log the train loss, gradient norm and throughput every N optimizer steps")
     group.add_argument("--seed", type=int, default=0, help="seed for splits, initialization, shuffling and augmentation")
+    return group
+
+
+def add_wandb_args(group, default_name):
+    """--report_to and the W&B run's project, name, tags, group and job type (the entity: WANDB_ENTITY)."""
+    group.add_argument("--report_to", default="auto", choices=("auto", "wandb", "none"),
+                       help="where to log; auto = W&B when it is configured (logged in, WANDB_API_KEY or "
+                            "WANDB_MODE set)")
+    group.add_argument("--wandb_project", default="matryoshka",
+                       help="W&B project: put the runs to compare into one (MRL, baseline, MRL-E, their evaluations)")
+    group.add_argument("--run_name", default=None, help=f"W&B run name (default: {default_name})")
+    group.add_argument("--wandb_tags", nargs="+", default=None, help="W&B run tags, e.g. --wandb_tags cifar10 sweep-3")
+    group.add_argument("--wandb_group", default=None,
+                       help="W&B run group, e.g. one per experiment: the project's pages show a group's runs together")
+    group.add_argument("--wandb_job_type", default=None,
+                       help="W&B job type (default: train for the training scripts, eval for evaluate.py)")
     return group
 
 
@@ -124,13 +148,16 @@ def resolve_hub_args(args):
         register_checkpoint_pusher(args)
 
 
-def resolve_run_args(args, script):
-    """Fill defaults that depend on other flags, and check what argparse cannot."""
-    if args.report_to == "auto":
-        args.report_to = "wandb" if wandb_configured() else "none"
+def resolve_run_args(args, variant):
+    """Fill defaults that depend on other flags, and check what argparse cannot. `variant` names what is trained
+    (supervised_mrl, ssl_relic, ...): the default --output_dir differs for every variant, dataset (and folder) and
+    model, and is the same for the same command, so a relaunch finds its checkpoints."""
+    resolve_report_to(args)
     if args.output_dir is None:
-        args.output_dir = os.path.join("runs", f"{script}_{args.dataset}_{args.model}")
-    args.run_name = args.run_name or os.path.basename(os.path.normpath(args.output_dir))
+        dataset = args.dataset
+        if args.dataset == "custom" and args.dataset_path:
+            dataset += "-" + os.path.basename(os.path.normpath(args.dataset_path))
+        args.output_dir = os.path.join("runs", f"{variant}_{dataset}_{args.model}")
     if args.checkpointing_steps != "epoch" and not args.checkpointing_steps.isdigit():
         raise UserError(f"--checkpointing_steps must be 'epoch' or a number, got {args.checkpointing_steps!r}")
     if not 0 <= args.seed < 2**32:  # numpy's generators (splits, shuffles) take 32-bit seeds
@@ -144,39 +171,79 @@ def resolve_run_args(args, script):
         resolve_hub_args(args)
 
 
+def resolve_report_to(args):
+    """--report_to auto -> wandb when W&B can log without asking anything, else none. An explicit --report_to wandb
+    that W&B would answer with its interactive login prompt (which waits forever, or fails without a terminal)
+    is refused here, before any work is done."""
+    if args.report_to == "auto":
+        args.report_to = "wandb" if wandb_configured() else "none"
+    elif args.report_to == "wandb" and not wandb_configured():
+        raise UserError("--report_to wandb, but W&B is not logged in on this machine: run `wandb login` (or set "
+                        "WANDB_API_KEY), or set WANDB_MODE=offline to log locally and `wandb sync` later")
+
+
 def wandb_configured():
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
+    """Whether W&B can start a run without prompting: offline or disabled mode, an API key in the environment, or
+    a login saved in the netrc file (what `wandb login` writes)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
         return True
-    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
-    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+# What a run writes into its --output_dir: all of it goes when --overwrite replaces the run (and nothing else there).
+RUN_OUTPUTS = ("checkpoints", "eval", "features", "model.safetensors", "config.json", "metrics.json", "README.md",
+               PREEMPTED_MARKER, FLUSHED_FILE, "accuracy_vs_dim.png", "pca_val.png", "knn_accuracy_vs_dim.png")
 
 
 def check_output_dir(args, resuming, is_main):
     """Refuse to write a new run over a finished one or over checkpoints, unless asked to (--overwrite then
-    removes the old checkpoints, so that a later 'latest' cannot pick one of them)."""
+    removes everything the old run wrote, so that neither a later 'latest' nor a reader of eval/ picks up a part
+    of it). A preemption marker left by the previous start is removed: this start decides anew."""
     taken = [p for p in ("config.json", "checkpoints") if os.path.exists(os.path.join(args.output_dir, p))]
-    if taken and not resuming:
+    # a relaunch with 'latest' of a run that stopped before its first checkpoint (only config.json): start it anew
+    never_saved = taken == ["config.json"] and not os.path.exists(os.path.join(args.output_dir, "model.safetensors"))
+    if taken and not resuming and not (never_saved and args.resume_from_checkpoint == "latest"):
         if not args.overwrite:
             raise UserError(f"--output_dir {args.output_dir} already holds a run ({', '.join(taken)}); pass "
                             "--resume_from_checkpoint latest to continue it, --overwrite to replace it, or another "
                             "--output_dir")
         if is_main:
-            shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
+            for name in RUN_OUTPUTS:
+                path = os.path.join(args.output_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --output_dir {args.output_dir}: {e.strerror}") from None
     if not os.access(args.output_dir, os.W_OK):
         raise UserError(f"--output_dir {args.output_dir} is not writable")
+    marker = os.path.join(args.output_dir, PREEMPTED_MARKER)
+    if is_main and os.path.exists(marker):
+        os.remove(marker)
 
 
 def run(main, args):
-    """Call main(args); a UserError becomes one line on stderr and exit status 1, not a traceback, and a
-    preempted run exits with PREEMPTED_EXIT_CODE after its checkpoint is saved."""
+    """Call main(args); a UserError becomes one line on stderr and exit status 1, not a traceback, a preempted run
+    exits with PREEMPTED_EXIT_CODE after its checkpoint is saved, and a Ctrl-C before training starts (when the
+    training scripts begin to handle it themselves) exits with 130, also without a traceback."""
     try:
         main(args)
     except UserError as e:
         sys.exit(f"error: {e}")
     except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+            print(f"\npreempted: {e}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

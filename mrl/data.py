@@ -5,6 +5,7 @@ used, so a corrupt file costs one sample, not the run), `label` (a ClassLabel) a
 the source, which seeds that sample's random augmentation -- see ImageTransform).
 """
 
+import hashlib
 import io
 import os
 import socket
@@ -69,6 +70,7 @@ class Splits:
     class_names: list
     dropped: int = 0  # rows removed by the minimum-size filter (corrupt images included)
     unlabeled: datasets.Dataset | None = None  # a source's `unlabeled` split (STL-10), label -1; for pre-training only
+    record: dict | None = None  # how to rebuild these splits exactly, and what they hold (see split_record)
 
 
 def load_splits(name, path=None, *, seed=0, val_fraction=0.1, test_fraction=0.1, max_train_samples=None,
@@ -80,6 +82,7 @@ def load_splits(name, path=None, *, seed=0, val_fraction=0.1, test_fraction=0.1,
     """
     preset = get_preset(name)
     raw = _load_raw(name, preset, path)
+    source = {split: {"rows": len(ds), "fingerprint": getattr(ds, "_fingerprint", None)} for split, ds in raw.items()}
     unlabeled = raw.pop(UNLABELED_SPLIT, None)
     raw = {split: _normalize_columns(ds, preset.label_column, split) for split, ds in raw.items()}
     if "train" not in raw:
@@ -94,7 +97,8 @@ def load_splits(name, path=None, *, seed=0, val_fraction=0.1, test_fraction=0.1,
             dropped += len(ds) - len(raw[split])
 
     train, test = raw["train"], raw.get("test")
-    val = next((raw[s] for s in VALIDATION_SPLITS if s in raw), None)
+    val_source = next((s for s in VALIDATION_SPLITS if s in raw), "train")
+    val = raw[val_source] if val_source != "train" else None
     if test is None and test_fraction > 0:
         train, test = _stratified_split(train, test_fraction, seed)
     if val is None:
@@ -111,7 +115,48 @@ def load_splits(name, path=None, *, seed=0, val_fraction=0.1, test_fraction=0.1,
         unlabeled = _unlabeled_columns(unlabeled, train.features["label"])
         if max_train_samples:
             unlabeled = unlabeled.shuffle(seed=seed).select(range(min(max_train_samples, len(unlabeled))))
-    return Splits(train, val, test, train.features["label"].names, dropped, unlabeled)
+    record = {"dataset": name, "dataset_path": path, "seed": seed, "val_fraction": val_fraction,
+              "test_fraction": test_fraction, "min_image_size": min_size, "max_train_samples": max_train_samples,
+              "max_eval_samples": max_eval_samples, "source": source,
+              # the source split each split's rows (and their `index`) come from
+              "origin": {"train": "train", "val": val_source, "test": "test" if "test" in raw else "train"},
+              "sizes": {"train": len(train), "val": len(val), "test": len(test) if test is not None else 0},
+              "train_digest": index_digest(train)}
+    return Splits(train, val, test, train.features["label"].names, dropped, unlabeled, record)
+
+
+def index_digest(dataset):
+    """A short digest of the source rows a split holds (its `index` column, in any order)."""
+    return hashlib.sha256(np.sort(np.asarray(dataset["index"], dtype=np.int64)).tobytes()).hexdigest()[:16]
+
+
+SPLIT_FLAGS = ("dataset", "dataset_path", "seed", "val_fraction", "test_fraction", "min_image_size",
+               "max_train_samples", "max_eval_samples")
+
+
+def split_record(config):
+    """The split record of a run's config.json (its "data" block), also for runs saved before it held one (their
+    settings were in "args"; the minimum image size was then the preset's unless a flag set it)."""
+    data, args = config["data"], config.get("args") or {}
+    if "splits" in data:
+        return data["splits"]
+    record = {key: data.get(key, args.get(key)) for key in SPLIT_FLAGS}
+    if record["min_image_size"] is None:
+        record["min_image_size"] = get_preset(record["dataset"]).min_image_size
+    return record
+
+
+def trained_rows(record):
+    """The source rows (`index` values of the source's train split) a run trained on, rebuilt from its split
+    record; checked against the record's digest, so a split that cannot be reproduced is an error, not a guess."""
+    splits = load_splits(record["dataset"], record["dataset_path"], seed=record["seed"],
+                         val_fraction=record["val_fraction"], test_fraction=record["test_fraction"],
+                         max_train_samples=record["max_train_samples"], min_image_size=record["min_image_size"])
+    if record.get("train_digest") not in (None, splits.record["train_digest"]):
+        raise UserError(f"cannot rebuild the training split of a run on {record['dataset_path'] or record['dataset']} "
+                        f"(seed {record['seed']}): the data or the splitting code changed since it was trained, so its "
+                        "training images cannot be told apart from the evaluation images")
+    return set(splits.train["index"])
 
 
 def get_preset(name):
@@ -141,11 +186,23 @@ def _load_raw(name, preset, path):
     except UserError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError...)
-        hint = "" if path else " Pass --dataset_path with a local copy."
+        hint = "" if path else f" {LOCAL_COPY_HINT}"
         raise UserError(f"could not load dataset {source}: {type(e).__name__}: {str(e).splitlines()[0]}.{hint}") from e
-    if isinstance(ds, datasets.Dataset):
-        return {"train": ds}
-    return dict(ds)
+    splits = {"train": ds} if isinstance(ds, datasets.Dataset) else dict(ds)
+    train = splits.get("train")
+    if path is not None and train is not None and not any(c in LABEL_COLUMNS or isinstance(f, datasets.ClassLabel)
+                                                          for c, f in train.features.items()):
+        classes = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d)) and d[0] != "."]
+        if 0 < len(classes) < 2:  # datasets' imagefolder drops the label column when there is one class
+            raise UserError(f"--dataset_path {path} is an image folder with one class subfolder ({classes[0]}); "
+                            "classification needs at least two classes, one subfolder each")
+    return splits
+
+
+# The one way every Hub failure ends: how to go on without the Hub.
+LOCAL_COPY_HINT = ("Pass --dataset_path with a local copy (the Hub's parquet layout, a save_to_disk folder or an image "
+                   "folder with one subfolder per class), or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging "
+                   "Face cache.")
 
 
 def _check_hub_reachable(repo_id):
@@ -156,10 +213,8 @@ def _check_hub_reachable(repo_id):
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
     except OSError:
-        raise UserError(
-            f"cannot reach the Hugging Face Hub ({url.hostname}) to download {repo_id}. Pass --dataset_path with a "
-            "local copy (the Hub's parquet layout, a save_to_disk folder or an image folder), or set "
-            "HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache.") from None
+        raise UserError(f"cannot reach the Hugging Face Hub ({url.hostname}) to download {repo_id}. {LOCAL_COPY_HINT}") \
+            from None
 
 
 def digits_dataset():
@@ -295,9 +350,10 @@ class ImageTransform:
         self.transform, self.seed, self.views, self.epoch = transform, seed, views, 0
 
     def __call__(self, batch):
-        samples = []
+        samples, unreadable = [], []
         for item, index in zip(batch["image"], batch["index"]):
             image = open_image(item)
+            unreadable.append(None if image is not None else item.get("path") or f"row {index}")
             if image is None:
                 samples.append(None)
                 continue
@@ -306,11 +362,12 @@ class ImageTransform:
                     torch.manual_seed(sample_seed(self.seed, self.epoch, int(index)))
                 views = [self.transform(image) for _ in range(self.views)]
             samples.append(views[0] if self.views == 1 else views)
-        return {"pixel_values": samples, "label": batch["label"]}
+        return {"pixel_values": samples, "label": batch["label"], "unreadable": unreadable}
 
 
 class Collate:
-    """Stack a batch; `skipped` counts the samples whose image could not be read.
+    """Stack a batch; `skipped` counts the samples whose image could not be read, `unreadable` names them (their
+    file path, or their row in the split).
 
     For training they are dropped. For evaluation (`keep_shape=True`) they become zero images labelled -1, so every
     process contributes equally shaped tensors to `gather_for_metrics`; the metrics then ignore label -1.
@@ -321,6 +378,7 @@ class Collate:
 
     def __call__(self, batch):
         bad = [b["pixel_values"] is None for b in batch]
+        unreadable = [b.get("unreadable") or "?" for b in batch if b["pixel_values"] is None]
         if self.keep_shape and not all(bad):
             like = next(b["pixel_values"] for b in batch if b["pixel_values"] is not None)
             batch = [{"pixel_values": torch.zeros_like(like), "label": -1} if b["pixel_values"] is None else b
@@ -334,7 +392,7 @@ class Collate:
         else:  # several views per sample: one stacked tensor per view
             pixel_values = [torch.stack(view) for view in zip(*images)]
         return {"pixel_values": pixel_values, "labels": torch.tensor([b["label"] for b in kept], dtype=torch.long),
-                "skipped": torch.tensor(sum(bad))}
+                "skipped": torch.tensor(sum(bad)), "unreadable": unreadable}
 
 
 def attach_transforms(splits, augment, image_size, mean, std, seed, views=1, train_transform=None):

@@ -55,6 +55,10 @@ def embed(accelerator, backbone, loader, channels_last=False):
     features, labels = [], []
     for batch in loader:
         x = batch["pixel_values"]
+        if not len(batch["labels"]):  # only unreadable images: Collate had no readable one to shape zeros like
+            names = batch.get("unreadable", [])[:3]
+            raise UserError(f"none of the images of a batch could be read ({', '.join(names)}, ...): corrupt or empty "
+                            "files?")
         with accelerator.autocast():
             z = backbone(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         z, y = accelerator.gather_for_metrics((z.float(), batch["labels"]))

@@ -1,6 +1,10 @@
 """Stopping a run safely: on preemption signals, and on a loss that is no longer finite."""
 
+import ctypes
+import json
+import os
 import signal
+import time
 
 import torch
 
@@ -9,6 +13,10 @@ from mrl import UserError
 # Exit status of a run stopped by a preemption signal after saving its checkpoint: EX_TEMPFAIL, "try again
 # later". A job script can requeue on it (see examples/slurm.sh).
 PREEMPTED_EXIT_CODE = 75
+# Written into the run folder next to the checkpoint, for when a launcher turns exit status 75 into its own
+# (`accelerate launch` and torchrun exit with 1 when a process fails); removed when the run starts again.
+PREEMPTED_MARKER = "PREEMPTED"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -20,26 +28,78 @@ class NonFiniteLoss(UserError):
 
 
 class Preemption:
-    """SIGTERM and SIGUSR1 (what Slurm and most schedulers send some time before killing a job) ask the run to
-    save a checkpoint at the next optimizer step and exit. The handler only sets a flag, so a step is never cut
-    in half; `requested` agrees across processes, so all of them stop at the same step even when only one
-    received the signal."""
+    """SIGTERM, SIGUSR1 (what Slurm, Kubernetes, `timeout` and `docker stop` send some time before killing a job)
+    and SIGINT (Ctrl-C) ask the run to save a checkpoint at the next optimizer step and exit. The handler only sets
+    a flag, so a step is never cut in half; `requested` agrees across processes, so all of them stop at the same step
+    even when only one received the signal. A second Ctrl-C, a second or more after the first, aborts at once
+    without saving.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    Schedulers signal the whole process group, DataLoader workers included: the workers ignore these signals
+    (`ignore_signals_in_worker`, their worker_init_fn) and are shut down by the training process as usual. Under
+    `accelerate launch`, which dies on SIGTERM without passing it on, the training process asks the kernel to send
+    it SIGTERM when its launcher dies (`follow_launcher`).
+    """
 
     def __init__(self):
-        self.received = None
-        for signum in self.SIGNALS:
+        self.received, self.received_at = None, 0.0
+        for signum in SIGNALS:
             signal.signal(signum, self._handle)
+        follow_launcher()
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        # the same Ctrl-C can arrive twice within a moment: from the terminal and forwarded by torchrun
+        if signum == signal.SIGINT and self.received is not None and time.monotonic() - self.received_at > 1.0:
+            os.write(2, b"\naborted by a second Ctrl-C; nothing saved since the last checkpoint\n")
+            os._exit(130)
+        if self.received is None:
+            self.received, self.received_at = name, time.monotonic()
+            # os.write, not print: the handler may interrupt a print (tqdm's) in progress
+            os.write(2, f"\n{name} received: saving a checkpoint after the current optimizer step"
+                        f"{' (Ctrl-C again to abort without saving)' if signum == signal.SIGINT else ''}\n".encode())
 
     def requested(self, accelerator):
         if accelerator.num_processes == 1:
             return self.received is not None
         flag = torch.tensor(float(self.received is not None), device=accelerator.device)
         return bool(accelerator.reduce(flag, "max").item())
+
+
+def ignore_signals_in_worker(worker_id=None):
+    """DataLoader worker_init_fn: leave the preemption signals to the training process. (PyTorch's workers die on
+    a SIGTERM that does not come from their parent, which made a signal to the process group fail the run with
+    "DataLoader worker is killed by signal" before the training process could save.)"""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+LAUNCHERS = (b"accelerate", b"torchrun", b"torch.distributed.run")
+
+
+def follow_launcher():
+    """Under `accelerate launch` or torchrun (Linux): receive SIGTERM when the launcher process dies, so that a
+    signal which killed only the launcher still reaches the training process and its checkpoint is saved."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            command = f.read().split(b"\0")
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # not Linux, or no /proc: nothing to follow
+        return
+    if not any(name in part for part in command[:3] for name in LAUNCHERS):
+        return  # a shell or a scheduler: its exit must not stop the run (nohup)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def write_preempted_marker(output_dir, step, checkpoint, signal_name):
+    """The run folder's record that the run stopped for a preemption after saving `checkpoint`."""
+    with open(os.path.join(output_dir, PREEMPTED_MARKER), "w") as f:
+        json.dump({"step": step, "checkpoint": checkpoint, "signal": signal_name,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+        f.write("\n")
 
 
 class LossGuard:

@@ -2,14 +2,20 @@
 where an epoch starts after a resume, progress, throughput and unreadable-image counts, and what happens after an
 optimizer step (checkpoint, preemption)."""
 
+import time
+
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from mrl import UserError
 from mrl.checkpoint import save_checkpoint
-from mrl.guards import Preempted
+from mrl.guards import Preempted, write_preempted_marker
+from mrl.tracking import mark_preempting
+
+
+UNREADABLE_SHOWN = 3  # how many unreadable images an epoch's summary names
 
 
 def build_accelerator(args, mixed_precision=None):
@@ -70,39 +76,95 @@ def count_batch(accelerator, state, guard, progress, loss):
 
 
 def after_optimizer_step(args, accelerator, state, guard, preemption):
-    """Save a checkpoint every --checkpointing_steps steps; on a preemption signal save one and stop the run.
+    """Save a checkpoint every --checkpointing_steps steps; on a preemption signal save one and stop the run,
+    leaving the PREEMPTED marker in the run folder and the W&B run marked as preempted (not finished).
     The loss guard is checked first, so a diverged model never replaces the last good checkpoint."""
     stop = preemption.requested(accelerator)
     if stop or (args.checkpointing_steps != "epoch" and state.step % int(args.checkpointing_steps) == 0):
         guard.check(accelerator)
         path = save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
     if stop:
+        if accelerator.is_main_process:
+            write_preempted_marker(args.output_dir, state.step, path, preemption.received or "another process's")
+        mark_preempting(accelerator)
         accelerator.end_training()
         raise Preempted(f"saved {path} at step {state.step}; relaunch the same command with "
                         "--resume_from_checkpoint latest to continue")
 
 
-def end_epoch(accelerator, skipped, loaded, epoch, step, seconds):
+def end_epoch(accelerator, skipped, loaded, epoch, step, seconds, unreadable=()):
     """Log the epoch's throughput and how many unreadable images all processes skipped (this process: `skipped`, a
-    count that may live on the device to avoid a sync per batch, besides the `loaded` readable ones), and stop with a
-    clear message when no image at all could be read. `seconds`: this process's wall-clock for the epoch, data
-    loading included (after a mid-epoch resume, for the part it trained)."""
+    count that may live on the device to avoid a sync per batch, besides the `loaded` readable ones, and the names
+    of the `unreadable` ones), and stop with a clear message when no image at all could be read. `seconds`: this
+    process's wall-clock for the epoch, data loading included (after a mid-epoch resume, for the part it trained)."""
     counts = torch.stack([torch.as_tensor(skipped).cpu(), torch.as_tensor(loaded)]).to(accelerator.device)
     skipped, loaded = (int(c) for c in accelerator.reduce(counts, "sum").tolist())
+    names = ""
+    if skipped:
+        shown = gather_object(list(unreadable)[:UNREADABLE_SHOWN])[:UNREADABLE_SHOWN]
+        names = f" ({', '.join(shown)}{', ...' if skipped > len(shown) else ''})"
     if skipped and not loaded:
-        raise UserError(f"none of the {skipped} training images loaded this epoch could be read (corrupt or empty files?)")
+        raise UserError(f"none of the {skipped} training images loaded this epoch could be read{names}: corrupt or "
+                        "empty files?")
     accelerator.print(f"epoch {epoch + 1}: {loaded} images in {seconds:.1f} s ({loaded / seconds:,.1f} img/s)"
-                      + (f", skipped {skipped} unreadable images" if skipped else ""))
+                      + (f", skipped {skipped} unreadable images{names}" if skipped else ""))
     accelerator.log({"train/epoch_seconds": seconds, "train/images_per_second": loaded / seconds,
                      **({"data/skipped_images": skipped} if skipped else {})}, step=step)
 
 
-def log_train_losses(accelerator, progress, state, epoch, steps_in_epoch, dims, weights, group_losses, lr, **extra):
+class StepMeter:
+    """Throughput and data-wait time between two train-loss logs, from the host's clock alone (no device sync).
+
+    `batches(loader)` times each fetch of the next batch: the time the training loop, and with it the accelerator,
+    waited for data. A data-bound run shows a large `perf/data_wait_fraction`; in a compute-bound GPU run the host
+    runs ahead of the device and waits elsewhere (at the next sync), so the fraction stays near 0.
+    """
+
+    def __init__(self, step):
+        self.reset(step)
+
+    def reset(self, step):
+        self.start, self.step, self.data_seconds, self.images = time.perf_counter(), step, 0.0, 0
+
+    def batches(self, loader):
+        iterator = iter(loader)
+        while True:
+            fetch = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.data_seconds += time.perf_counter() - fetch
+            self.images += len(batch["labels"])
+            yield batch
+
+    def read(self, step, num_processes):
+        """The metrics since the last read (or the start of the epoch); then it starts over. Images are counted on
+        this process, which holds 1/num_processes of every batch."""
+        seconds = time.perf_counter() - self.start
+        values = {"perf/images_per_second": self.images * num_processes / seconds,
+                  "perf/seconds_per_step": seconds / max(step - self.step, 1),
+                  "perf/data_wait_fraction": self.data_seconds / seconds}
+        self.reset(step)
+        return values
+
+
+def log_train_losses(accelerator, progress, state, epoch, steps_in_epoch, dims, weights, group_losses, lr,
+                     grad_norm=None, meter=None, **extra):
     """Log the train loss of the optimizer step just taken, averaged over its micro-batches and all processes:
-    the weighted total and each dim's own loss, with the learning rate and the fp16 skipped-step count."""
-    per_dim = accelerator.reduce(torch.stack(group_losses).mean(0), "mean")
-    total = (weights * per_dim).sum().item()
+    the weighted sum over dims that is minimized (`train/loss`), their plain mean (`train/loss_mean_over_dims`,
+    comparable between a run with 7 heads and the baseline's one) and each dim's own loss, with the learning rate,
+    the step's gradient norm (before clipping), the fp16 skipped-step count and the meter's throughput. All device
+    values travel to the host in one copy."""
+    per_dim = torch.stack(group_losses).float().mean(0)
+    values = [per_dim, (weights * per_dim).sum().reshape(1)]
+    if grad_norm is not None:  # the same on every process: the gradients were reduced before clipping
+        values.append(torch.as_tensor(grad_norm, dtype=torch.float32, device=per_dim.device).reshape(1))
+    values = accelerator.reduce(torch.cat(values), "mean").tolist()
+    per_dim, total, norm = values[:len(dims)], values[len(dims)], values[len(dims) + 1:]
     progress.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
-    accelerator.log({"train/loss": total, "train/lr": lr, "train/skipped_steps": state.skipped_steps,
-                     "epoch": epoch + state.batch_in_epoch / steps_in_epoch, **extra,
-                     **{f"train/loss_d{d}": loss for d, loss in zip(dims, per_dim.tolist())}}, step=state.step)
+    accelerator.log({"train/loss": total, "train/loss_mean_over_dims": sum(per_dim) / len(per_dim), "train/lr": lr,
+                     "train/skipped_steps": state.skipped_steps, "epoch": epoch + state.batch_in_epoch / steps_in_epoch,
+                     **({"train/grad_norm": norm[0]} if norm else {}),
+                     **(meter.read(state.step, accelerator.num_processes) if meter is not None else {}), **extra,
+                     **{f"train/loss_d{d}": loss for d, loss in zip(dims, per_dim)}}, step=state.step)

@@ -8,19 +8,22 @@ from mrl import UserError
 from mrl.distributed import gather, row_offset, world_size
 
 
-def dim_weights(dims, spec="uniform"):
-    """Per-dim loss weights c_m: "uniform" (all 1, the paper's and the blog's choice) or a comma list of floats."""
+def dim_weights(dims, spec="uniform", given=None):
+    """Per-dim loss weights c_m for `dims`: "uniform" (all 1, the paper's and the blog's choice) or a comma list of
+    floats, one per dim in the order the dims were `given` on the command line (default: `dims`' own order)."""
     if spec == "uniform":
         return [1.0] * len(dims)
+    given = list(given or dims)
     try:
         weights = [float(w) for w in spec.split(",")]
     except ValueError:
         raise UserError(f"--dim_weights must be 'uniform' or comma-separated numbers, got {spec!r}") from None
-    if len(weights) != len(dims):
-        raise UserError(f"--dim_weights has {len(weights)} values for {len(dims)} dims {list(dims)}")
+    if len(weights) != len(given):
+        raise UserError(f"--dim_weights has {len(weights)} values for {len(given)} dims {given}")
     if any(w < 0 for w in weights):
         raise UserError(f"--dim_weights must be non-negative, got {spec!r}")
-    return weights
+    weight_of = dict(zip(given, weights))
+    return [weight_of[d] for d in dims]
 
 
 class MatryoshkaLoss(nn.Module):

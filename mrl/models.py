@@ -87,8 +87,12 @@ def build_backbone(name, image_size, cifar_stem=None):
 
 
 def check_dims(dims, embed_dim):
-    """Sorted, de-duplicated prefix dims, validated against the embedding width."""
-    dims = sorted(set(int(d) for d in dims))
+    """Sorted prefix dims, validated against the embedding width; a dim given twice is refused (with --dim_weights,
+    which weight would it get?)."""
+    repeated = sorted({int(d) for d in dims if list(dims).count(d) > 1})
+    if repeated:
+        raise UserError(f"--dims lists {', '.join(map(str, repeated))} more than once")
+    dims = sorted(int(d) for d in dims)
     if not dims:
         raise UserError("--dims is empty: give at least one prefix size")
     if dims[0] < 1 or dims[-1] > embed_dim:

@@ -1,11 +1,18 @@
 """Shared test helpers: run the real scripts in a subprocess, on real tiny data, offline."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist's workers (pytest.ini) share the cores: one thread each, for the torch code they run in-process
+    # (set before torch is imported) and the scripts they launch; more would oversubscribe the cores many times over
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real CIFAR-10 in the Hub's parquet layout (read-only), beside the checkout: ../shared/data/cifar10, or where
@@ -46,12 +53,38 @@ def cifar10_path():
     return str(CIFAR10)
 
 
+def shared_run(tmp_path_factory, name, script, *args, **kwargs):
+    """Run a script once per test session and share its folder: under pytest-xdist every worker has its own session,
+    so the first worker to ask runs it under a file lock and the others wait and read its output."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder the workers' own temp folders share
+    tmp, saved = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not saved.exists():
+            tmp.mkdir(exist_ok=True)
+            result = run_script(script, *args, "--output_dir", tmp / "out", tmp_path=tmp, **kwargs)
+            saved.write_text(json.dumps({"args": result.args, "returncode": result.returncode,
+                                         "stdout": result.stdout, "stderr": result.stderr}))
+    return tmp, subprocess.CompletedProcess(**json.loads(saved.read_text()))
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One supervised run shared by the tests that inspect or continue it: digits, two epochs with gradient
-    accumulation 2 (23 optimizer steps per epoch), a checkpoint every 7 steps, logged to offline W&B."""
-    tmp = tmp_path_factory.mktemp("run")
-    result = run_script("train_supervised.py", *DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2,
-                        "--checkpointing_steps", 7, "--checkpoints_total_limit", 10, "--log_every", 1,
-                        "--output_dir", tmp / "out", tmp_path=tmp, wandb=True)
-    return tmp, result
+    accumulation 2 (23 optimizer steps per epoch), a checkpoint every 7 steps, logged to offline W&B. Tests write
+    only into new subfolders of its folder."""
+    return shared_run(tmp_path_factory, "trained", "train_supervised.py", *DIGITS_FAST, "--epochs", 2,
+                      "--grad_accum_steps", 2, "--checkpointing_steps", 7, "--checkpoints_total_limit", 10,
+                      "--log_every", 1, wandb=True)
+
+
+# The same run on two processes (gloo): 179 validation and test images, not a multiple of 2 processes nor of the
+# batch, so the last batch is padded across processes and gather_for_metrics must drop the padding.
+TWO_PROCESSES = [*DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2, "--max_eval_samples", 179, "--log_every", 1]
+
+
+@pytest.fixture(scope="session")
+def trained_two_processes(tmp_path_factory):
+    return shared_run(tmp_path_factory, "trained_two_processes", "train_supervised.py", *TWO_PROCESSES, wandb=True,
+                      processes=2)

@@ -4,6 +4,7 @@ The scripts run in-process here (`cli.run(main, args)`, exactly what their `__ma
 than a subprocess per case; tests/test_train_supervised.py checks the same on the real command line."""
 
 import io
+import json
 
 import datasets
 import pytest
@@ -56,6 +57,12 @@ def test_dataset_without_labels_or_without_images(script, tmp_path):
     code, message = run(script, *FAST[script], "--dataset", "custom", "--dataset_path", tmp_path / "no_images",
                         "--output_dir", tmp_path / "out2")
     assert code == 1 and message.startswith("error: the train split has no image column (columns: text, label)")
+    (tmp_path / "one_class" / "cat").mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "one_class" / "cat" / f"{i}.png")
+    code, message = run(script, *FAST[script], "--dataset", "custom", "--dataset_path", tmp_path / "one_class",
+                        "--output_dir", tmp_path / "out3")
+    assert code == 1 and "image folder with one class subfolder (cat)" in message and "at least two" in message
 
 
 @pytest.mark.parametrize("script", TRAINING)
@@ -70,7 +77,8 @@ def test_empty_folder_and_a_folder_of_unreadable_files(script, tmp_path):
             (tmp_path / "broken" / name / f"{i}.png").write_bytes(b"" if i % 2 else b"\x89PNG broken")
     code, message = run(script, *FAST[script], "--dataset", "custom", "--dataset_path", tmp_path / "broken",
                         "--output_dir", tmp_path / "out2")
-    assert code == 1 and "could be read (corrupt or empty files?)" in message, message
+    assert code == 1 and "could be read (" in message and ": corrupt or empty files?" in message, message
+    assert str(tmp_path / "broken") in message  # the first unreadable files are named
 
 
 def _image_bytes(image, fmt):
@@ -116,6 +124,32 @@ def test_an_existing_run_is_not_overwritten(script, tmp_path):
     code, message = run(script, *FAST[script], "--dataset", "digits", "--output_dir", out)
     assert code == 1 and "already holds a run (config.json, checkpoints)" in message and "--overwrite" in message
     assert (out / "config.json").read_text() == '{"kept": true}' and (out / "checkpoints" / "step_00000010").is_dir()
+    # --overwrite replaces all of the old run, its evaluation too, and keeps what is not the run's
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    code, message = run(script, *FAST[script], "--dataset", "digits", "--output_dir", out, "--overwrite",
+                        "--max_train_samples", 64)
+    assert code == 0, message
+    assert not (out / "eval").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "config.json").read_text())["format_version"] == 1
+    assert [p.name for p in (out / "checkpoints").iterdir()] != ["step_00000010"]
+    # the weights are as readable as every other output (safetensors writes them through a 0600 temporary file)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("script", TRAINING + ["evaluate.py"])
+def test_wandb_without_a_login_is_one_line_before_any_work(script, tmp_path, monkeypatch):
+    # W&B would wait forever at its login prompt (or fail with a traceback without a terminal)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "NETRC", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["--checkpoint", tmp_path / "run"] if script == "evaluate.py" else [*FAST[script], "--dataset", "digits"]
+    code, message = run(script, *argv, "--output_dir", tmp_path / "out", "--report_to", "wandb")
+    assert code == 1 and message.startswith("error: --report_to wandb, but W&B is not logged in")
+    assert "wandb login" in message and "WANDB_MODE=offline" in message and not (tmp_path / "out").exists()
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+    assert cli.wandb_configured()  # what `wandb login` saves is recognized
 
 
 @pytest.mark.parametrize("script", TRAINING)
@@ -131,3 +165,13 @@ def test_an_existing_run_is_not_overwritten(script, tmp_path):
 def test_flags_that_cannot_work(script, argv, code, message, tmp_path, capsys):
     got_code, got_message = run(script, *FAST[script], "--dataset", "digits", "--output_dir", tmp_path / "o", *argv)
     assert got_code == code and message in got_message + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", TRAINING + ["evaluate.py"])
+def test_help_states_each_default_once(script, capsys):
+    with pytest.raises(SystemExit):
+        MODULES[script].get_args_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "(default: None)" not in text
+    for flag_help in text.split(" --")[1:]:
+        assert flag_help.count("(default:") <= 1, flag_help

@@ -87,9 +87,13 @@ def test_collate_drops_unreadable_images_for_training_and_masks_them_for_evaluat
     good = _png(Image.new("L", (8, 8), color=200))
     rows = transform({"image": [{"bytes": good}, {"bytes": b"junk"}, {"bytes": good}], "label": [3, 4, 5],
                       "index": [0, 1, 2]})
-    samples = [{"pixel_values": p, "label": y} for p, y in zip(rows["pixel_values"], rows["label"])]
+    samples = [{"pixel_values": p, "label": y, "unreadable": u}
+               for p, y, u in zip(rows["pixel_values"], rows["label"], rows["unreadable"])]
     train = Collate()(samples)
     assert train["pixel_values"].shape == (2, 3, 8, 8) and train["labels"].tolist() == [3, 5] and train["skipped"] == 1
+    assert train["unreadable"] == ["row 1"]  # named: by its file path when it has one, else by its row
+    assert transform({"image": [{"bytes": None, "path": "/x/bad.png"}], "label": [0], "index": [7]})["unreadable"] == \
+        ["/x/bad.png"]
     evaluation = Collate(keep_shape=True)(samples)
     assert evaluation["pixel_values"].shape == (3, 3, 8, 8) and evaluation["labels"].tolist() == [3, -1, 5]
     assert evaluation["pixel_values"][1].abs().sum() == 0

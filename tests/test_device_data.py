@@ -23,6 +23,9 @@ from mrl.augment import BatchAugment, batch_seed
 from mrl.data import PRESETS, Collate, ImageTransform, load_splits
 from mrl.device_data import CACHE_FOLDER, DeviceLoader, cache_key, cached_decode, decode_transform
 
+# its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
+pytestmark = pytest.mark.xdist_group("test_device_data")
+
 SIZE = 8
 
 

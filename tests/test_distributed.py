@@ -12,13 +12,9 @@ from mrl.data import Collate, attach_transforms, load_splits
 from wandb_history import history, run_dirs
 
 
-def test_supervised_two_processes_gather_every_sample_once_and_match_one_process(trained, tmp_path):
-    # 179 validation and test images: not a multiple of 2 processes nor of the batch, so the last batch is
-    # padded across processes and gather_for_metrics must drop the padding.
-    result = run_script("train_supervised.py", *DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2,
-                        "--max_eval_samples", 179, "--log_every", 1, "--output_dir", tmp_path / "out",
-                        tmp_path=tmp_path, wandb=True, processes=2)
-    assert "2 process(es)" in result.stdout and result.stdout.count("saved ") == 1
+def test_supervised_two_processes_gather_every_sample_once_and_match_one_process(trained, trained_two_processes):
+    tmp_path, result = trained_two_processes
+    assert "2 process(es)" in result.stdout and result.stdout.count("and metrics.json") == 1
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["val"]["n"] == 179 and metrics["test"]["n"] == 179
     assert len(run_dirs(tmp_path / "wandb")) == 1  # only the main process logs

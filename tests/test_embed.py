@@ -20,6 +20,9 @@ from mrl import cli
 from mrl.data import digits_dataset, load_splits
 from mrl.pretrained import MatryoshkaEncoder
 
+# its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
+pytestmark = pytest.mark.xdist_group("test_embed")
+
 
 @pytest.fixture(scope="module")
 def run(trained):

@@ -18,6 +18,9 @@ from mrl.data import ImageTransform, build_transform, load_splits
 from mrl.features import extract
 from wandb_history import history, records
 
+# its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
+pytestmark = pytest.mark.xdist_group("test_evaluate")
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -77,6 +80,7 @@ def test_evaluates_supervised_and_ssl_checkpoints_end_to_end(checkpoints, first_
     assert "heads" not in ssl["adaptive_classification"]
     # outputs: the markdown table, the protocols, and non-empty plots
     markdown = (out / "results.md").read_text()
+    assert "| 512 | none (full search) |" in markdown  # adaptive retrieval's full-dim row has no shortlist
     assert "| run | dim | probe top-1 | kNN top-1 | mAP@10 | P@10 |" in markdown
     assert "| MRL | 24 |" in markdown and "| SSL | 512 |" in markdown and "cascade" in markdown
     assert set(results["protocols"]) >= {"probe", "knn", "retrieval", "pca", "head"}
@@ -120,7 +124,7 @@ def test_second_evaluation_reads_the_feature_cache(checkpoints, first_run, tmp_p
     # W&B (offline): the per-dim table and the plots on one run page
     (run_dir,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
     logged = set().union(*history(run_dir))
-    assert {"eval/sup/_type", "accuracy_vs_dim/_type", "adaptive_classification/_type"} <= logged
+    assert {"per_dim/_type", "plots/accuracy_vs_dim/_type", "adaptive_classification/_type"} <= logged
     (wandb_file,) = run_dir.glob("run-*.wandb")
     summary = {item.key: json.loads(item.value_json) for record in records(wandb_file)
                if record.WhichOneof("record_type") == "summary" for item in record.summary.update}
@@ -154,6 +158,32 @@ def test_incomplete_or_foreign_checkpoints_are_refused(checkpoints, tmp_path):
     (future / "config.json").write_text(json.dumps({**config, "format_version": 99}))
     with pytest.raises(UserError, match="format version 99"):
         run_main("--checkpoint", future)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(checkpoints / "sup", truncated, ignore=shutil.ignore_patterns("features", "eval*"))
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])  # as by a copy cut short
+    with pytest.raises(UserError, match="model.safetensors cannot be read .*: the file is damaged or incomplete"):
+        run_main("--checkpoint", truncated)
+
+
+def test_a_training_checkpoint_is_evaluated_with_its_runs_config(trained, tmp_path):
+    # a mid-training checkpoint (step 14 of 46) of the session's run: the whole training model's weights
+    run = trained[0] / "out"
+    checkpoint = run / "checkpoints" / "step_00000014"
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--dims", 8, 512, "--no-pca", "--num_workers", 0,
+                        "--feature_cache", "none", tmp_path=tmp_path)
+    out = run / "eval_step_00000014"  # beside the checkpoint, which a newer one may replace
+    results = json.loads((out / "results.json").read_text())
+    assert results["runs"][0]["label"] == "out@step_00000014" and "evaluating dims [8, 512]" in result.stdout
+    assert all(0.1 < r["head"] <= 1 and 0.1 < r["probe"] <= 1 for r in results["runs"][0]["per_dim"])
+    # what was evaluated are the weights the training model had at step 14, not the final ones
+    backbone, heads, _ = load_model(checkpoint)
+    state, final = load_file(checkpoint / "model.safetensors"), load_file(run / "model.safetensors")
+    key = "net.layer1.0.conv1.weight"
+    torch.testing.assert_close(backbone.state_dict()[key], state["backbone." + key])
+    assert not torch.equal(state["backbone." + key], final["backbone." + key])
+    for name, value in heads.state_dict().items():
+        torch.testing.assert_close(value, state["heads." + name])
 
 
 def test_dims_beyond_the_embedding_are_refused(checkpoints):
@@ -170,3 +200,57 @@ def test_heads_on_a_dataset_with_other_classes_are_refused(checkpoints, tmp_path
             Image.new("RGB", (8, 8), (20 * i, 100, 0)).save(tmp_path / "pets" / name / f"{i}.png")
     with pytest.raises(UserError, match="heads for 10 classes .* but the dataset has 2"):
         run_main("--checkpoint", checkpoints / "sup", "--dataset", "custom", "--dataset_path", tmp_path / "pets")
+
+
+def split_flags(**flags):
+    return {"dataset": "digits", "dataset_path": None, "seed": 0, "val_fraction": 0.1, "test_fraction": 0.1,
+            "min_image_size": 0, "max_train_samples": None, "max_eval_samples": None, **flags}
+
+
+def trained_indices(seed, max_train_samples):
+    """The rows a digits run trained on, as train_supervised.py splits them."""
+    return set(load_splits("digits", seed=seed, max_train_samples=max_train_samples).train["index"])
+
+
+def test_runs_with_other_seeds_are_evaluated_only_on_images_none_of_them_trained_on(checkpoints):
+    # run a: the `checkpoints` run (seed 0, 256 training images); run b: seed 1 on the whole train split, saved by
+    # the previous version of config.json (no split record: its settings are read from "args")
+    args = evaluate.get_args_parser().parse_args(["--checkpoint", "a", "b"])
+    record_a = json.loads((checkpoints / "sup" / "config.json").read_text())["data"]["splits"]
+    assert {k: record_a[k] for k in ("seed", "min_image_size", "max_train_samples")} == \
+        {"seed": 0, "min_image_size": 0, "max_train_samples": 256}
+    legacy_b = {"data": {"dataset": "digits", "dataset_path": None, "seed": 1, "val_fraction": 0.1,
+                         "test_fraction": 0.1}, "args": {"min_image_size": None, "max_train_samples": None}}
+    records = [record_a, evaluate.split_record(legacy_b)]
+    data = evaluate.resolve_data(args, records)
+    splits = load_splits(data["dataset"], seed=data["seed"], val_fraction=data["val_fraction"],
+                         test_fraction=data["test_fraction"], min_image_size=data["min_image_size"])
+    before = len(splits.test)
+    dropped = evaluate.exclude_trained_images(splits, records, ["a", "b"], log=print)
+    kept = set(splits.test["index"])
+    assert dropped > 100 and len(kept) == before - dropped > 0  # seed 1 trains on most of seed 0's test images
+    assert not kept & trained_indices(0, 256) and not kept & trained_indices(1, None)
+    # with the same settings nothing is dropped; a source's own test split is never filtered
+    assert evaluate.exclude_trained_images(load_splits("digits"), [record_a, record_a], ["a", "c"], print) == 0
+
+
+def test_a_run_is_evaluated_on_its_own_splits_whatever_filter_it_trained_with(checkpoints):
+    args = evaluate.get_args_parser().parse_args(["--checkpoint", "a"])
+    assert evaluate.resolve_data(args, [split_flags(min_image_size=7, seed=5)])["min_image_size"] == 7
+    legacy = {"data": {"dataset": "cats_vs_dogs", "dataset_path": "x", "seed": 0}, "args": {"min_image_size": None}}
+    assert evaluate.split_record(legacy)["min_image_size"] == 100  # the preset's, as the run used
+    args = evaluate.get_args_parser().parse_args(["--checkpoint", "a", "--min_image_size", "3"])
+    assert evaluate.resolve_data(args, [split_flags(min_image_size=7)])["min_image_size"] == 3
+
+
+def test_two_runs_evaluated_together_from_the_command_line(checkpoints, tmp_path):
+    run_script("train_supervised.py", *DIGITS_FAST, "--epochs", 1, "--max_train_samples", 128, "--batch_size", 64,
+               "--seed", 1, "--output_dir", tmp_path / "seed1", tmp_path=tmp_path)
+    result = run_script("evaluate.py", "--checkpoint", checkpoints / "sup", tmp_path / "seed1", "--dims", 8, 512,
+                        "--no-pca", "--num_workers", 0, "--output_dir", tmp_path / "cmp", tmp_path=tmp_path)
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    test_a = set(load_splits("digits", seed=0).test["index"])
+    expected = len(test_a - trained_indices(1, 128))
+    assert "the runs' splits differ (--seed: sup 0, seed1 1)" in result.stdout
+    assert all(run["n"]["eval"] == expected for run in results["runs"]) and expected < len(test_a)
+    assert results["dataset"]["excluded_trained_images"] == len(test_a) - expected

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torchvision
 import torchvision.transforms as T
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import evaluate
 import train_ssl

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,48 +11,135 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from conftest import DIGITS_FAST, ROOT, run_script
-from mrl.guards import PREEMPTED_EXIT_CODE
+from conftest import DIGITS_FAST, ROOT, TWO_PROCESSES, run_script
+from mrl.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from wandb_history import history, run_dirs
 
 ARGS = [*DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2, "--checkpointing_steps", 7, "--log_every", 1]
+LAUNCHERS = {
+    "python": [sys.executable],
+    "accelerate": [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "-q", "--config_file",
+                   str(ROOT / "accelerate_configs" / "cpu.yaml")],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+}
 
 
-def test_sigterm_saves_a_checkpoint_and_the_relaunched_run_ends_like_an_uninterrupted_one(trained, tmp_path):
-    reference, _ = trained
-    out = tmp_path / "out"
-    (tmp_path / "wandb").mkdir()  # where run_script(wandb=True) logs the relaunch too
+def children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def preempt(launcher, target, signum, out, tmp_path, args=ARGS):
+    """Start a run with 2 DataLoader workers per process in a session of its own, wait for its first checkpoint
+    (step 7, mid-epoch), deliver `signum` to the `target` ("group": every process, as `timeout`, `docker stop`,
+    Kubernetes and Slurm job steps do; "launcher"; "trainer": the training process under the launcher), and wait
+    until every process has ended. Returns (launcher exit status, stderr)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"),
-               WANDB_SILENT="true")
-    process = subprocess.Popen([sys.executable, str(ROOT / "train_supervised.py"), *map(str, ARGS), "--output_dir",
-                                str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    for line in process.stdout:  # the summary line is printed just before the first step
-        if "optimizer steps" in line:
-            break
-    time.sleep(4)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
-    assert "preempted: saved" in stderr and "--resume_from_checkpoint latest" in stderr and "Traceback" not in stderr
-    stopped_at = int(stderr.split(" at step ")[1].split(";")[0])
-    assert 0 < stopped_at < 46 and not (out / "model.safetensors").exists()
-    assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
+               WANDB_SILENT="true", **({"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"} if launcher == "torchrun"
+                                       else {}))
+    (tmp_path / "wandb").mkdir(exist_ok=True)
+    process = subprocess.Popen([*LAUNCHERS[launcher], str(ROOT / "train_supervised.py"), *map(str, args),
+                                "--num_workers", "2", "--output_dir", str(out)], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_00000007").is_dir():
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    if target == "group":
+        os.killpg(process.pid, signum)
+    elif target == "launcher":
+        os.kill(process.pid, signum)
+    else:
+        os.kill(children(process.pid)[0], signum)
+    _, stderr = process.communicate(timeout=300)  # the pipes close when the last process holding them ends
+    return process.returncode, stderr
 
-    run_script("train_supervised.py", *ARGS, "--output_dir", out, "--resume_from_checkpoint", "latest",
-               tmp_path=tmp_path, wandb=True)
+
+def check_preempted_and_resumed(out, stderr, reference, tmp_path, processes=1, args=ARGS):
+    """The run saved a checkpoint at a step boundary, left the marker, printed no traceback; relaunched with
+    --resume_from_checkpoint latest it ends exactly like the uninterrupted `reference` run."""
+    marker = json.loads((out / PREEMPTED_MARKER).read_text())
+    assert 7 <= marker["step"] < 46 and not (out / "model.safetensors").exists()
+    assert (out / "checkpoints" / f"step_{marker['step']:08d}").is_dir()
+    # no traceback from the training process (torchrun prints one of its own for the signal it got)
+    assert not re.search(r'File ".*(train_supervised\.py|/mrl/)', stderr) and "DataLoader worker" not in stderr, \
+        stderr[-3000:]
+    run_script("train_supervised.py", *args, "--output_dir", out, "--resume_from_checkpoint", "latest",
+               tmp_path=tmp_path, wandb=True, processes=processes)
+    assert not (out / PREEMPTED_MARKER).exists()  # the relaunch removed it
     original = json.loads((reference / "out" / "metrics.json").read_text())
     continued = json.loads((out / "metrics.json").read_text())
     assert continued["history"] == original["history"] and continued["test"] == original["test"]
     a, b = load_file(reference / "out" / "model.safetensors"), load_file(out / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    return marker
+
+
+def test_sigterm_to_the_process_group_saves_and_the_relaunch_ends_like_an_uninterrupted_run(trained, tmp_path):
+    # What `timeout`, `docker stop`, Kubernetes and Slurm do. The DataLoader workers get the signal too and must
+    # not die of it before the training process has saved.
+    reference, _ = trained
+    code, stderr = preempt("python", "group", signal.SIGTERM, tmp_path / "out", tmp_path)
+    assert code == PREEMPTED_EXIT_CODE and "Traceback" not in stderr, stderr[-3000:]
+    assert "preempted: saved" in stderr and "--resume_from_checkpoint latest" in stderr
+    marker = check_preempted_and_resumed(tmp_path / "out", stderr, reference, tmp_path)
+    assert marker["signal"] == "SIGTERM"
     # Both launches logged into one W&B run, and its steps never go backwards.
     runs = run_dirs(tmp_path / "wandb")
     assert len(runs) == 2 and len({d.split("-")[-1] for d in runs}) == 1
     for run_dir in runs:
         steps = [r["_step"] for r in history(run_dir)]
         assert steps == sorted(steps)
+
+
+def test_sigterm_to_accelerate_launch_alone_reaches_the_training_process(trained, tmp_path):
+    # accelerate launch dies of SIGTERM without passing it on; the training process follows its launcher.
+    reference, _ = trained
+    code, stderr = preempt("accelerate", "launcher", signal.SIGTERM, tmp_path / "out", tmp_path)
+    assert code == -signal.SIGTERM
+    assert check_preempted_and_resumed(tmp_path / "out", stderr, reference, tmp_path)["signal"] == "SIGTERM"
+
+
+def test_sigusr1_to_the_training_process_under_accelerate_launch_leaves_the_marker(trained, tmp_path):
+    # the launcher turns exit status 75 into 1: the marker is what tells a job script to requeue
+    reference, _ = trained
+    code, stderr = preempt("accelerate", "trainer", signal.SIGUSR1, tmp_path / "out", tmp_path)
+    assert code == 1 and "preempted: saved" in stderr
+    assert check_preempted_and_resumed(tmp_path / "out", stderr, reference, tmp_path)["signal"] == "SIGUSR1"
+
+
+def test_ctrl_c_saves_like_a_preemption(trained, tmp_path):
+    reference, _ = trained
+    code, stderr = preempt("python", "group", signal.SIGINT, tmp_path / "out", tmp_path)
+    assert code == PREEMPTED_EXIT_CODE and "SIGINT received" in stderr, stderr[-3000:]
+    assert check_preempted_and_resumed(tmp_path / "out", stderr, reference, tmp_path)["signal"] == "SIGINT"
+
+
+def test_sigterm_to_torchrun_stops_both_processes_at_one_step(trained_two_processes, tmp_path):
+    reference, _ = trained_two_processes
+    args = [*TWO_PROCESSES, "--checkpointing_steps", 7]
+    code, stderr = preempt("torchrun", "launcher", signal.SIGTERM, tmp_path / "out", tmp_path, args=args)
+    assert code != 0  # torchrun reports its own failure: the marker says "preempted"
+    check_preempted_and_resumed(tmp_path / "out", stderr, reference, tmp_path, processes=2, args=args)
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    script = ("import time\nfrom mrl.guards import Preemption\nPreemption()\nprint('ready', flush=True)\n"
+              "time.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "ready\n"
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)  # the same Ctrl-C forwarded by a launcher: not a second one
+    time.sleep(1.2)
+    assert process.poll() is None
+    started = time.time()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 130 and time.time() - started < 5
+    assert "SIGINT received" in stderr and "aborted by a second Ctrl-C" in stderr and "Traceback" not in stderr
 
 
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

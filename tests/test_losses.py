@@ -69,3 +69,5 @@ def test_dim_weights():
         dim_weights([8, 16], "1,2,3")
     with pytest.raises(UserError, match="comma-separated"):
         dim_weights([8, 16], "log")
+    # --dims 32,8 --dim_weights 1,0: the weights belong to the dims in the order given, whatever order they train in
+    assert dim_weights([8, 32], "1,0", given=[32, 8]) == [0.0, 1.0]

@@ -69,8 +69,10 @@ def test_unknown_model_lists_the_valid_ones():
         build_backbone("vit", 32)
 
 
-def test_dims_are_sorted_deduplicated_and_validated():
-    assert check_dims([64, 8, 512, 16, 8], 512) == [8, 16, 64, 512]
+def test_dims_are_sorted_and_validated_and_repeats_refused():
+    assert check_dims([64, 8, 512, 16], 512) == [8, 16, 64, 512]
+    with pytest.raises(UserError, match="--dims lists 8 more than once"):
+        check_dims([64, 8, 512, 16, 8], 512)
     with pytest.raises(UserError, match="1..512"):
         check_dims([8, 1024], 512)
     with pytest.raises(UserError, match="empty"):

@@ -32,6 +32,9 @@ from mrl.model_card import update_card_with_evaluation
 from mrl.models import build_backbone
 from mrl.pretrained import MatryoshkaEncoder, eval_transform, publish_run, register_checkpoint_pusher
 
+# its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
+pytestmark = pytest.mark.xdist_group("test_pretrained")
+
 CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens there: connection refused at once
 
 

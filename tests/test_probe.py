@@ -10,6 +10,9 @@ from threadpoolctl import threadpool_limits
 from mrl.features import pca
 from mrl.probe import cascade, fit_logistic, sklearn_probe, standardize, stratified_split, torch_probe
 
+# its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
+pytestmark = pytest.mark.xdist_group("test_probe")
+
 
 @pytest.fixture(scope="module")
 def digits():

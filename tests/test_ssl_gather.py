@@ -3,7 +3,6 @@ averaging, the same parameter gradients for the same global batch and weights. A
 under bf16 autocast."""
 
 import math
-import os
 
 import pytest
 import torch

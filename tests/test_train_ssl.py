@@ -23,7 +23,10 @@ from mrl import UserError
 from mrl.checkpoint import list_checkpoints, load_model
 from mrl.data import IMAGENET_STATS, Collate, ImageTransform, build_transform, load_splits
 from mrl.retrieval import neighbor_metrics
-from wandb_history import history, run_dirs
+from wandb_history import config as wandb_config, history, run_dirs
+
+# its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
+pytestmark = pytest.mark.xdist_group("test_train_ssl")
 
 DIMS = [8, 16, 32, 64, 128, 256, 512]
 DIGITS = ["--dataset", "digits", "--image_size", "8", "--num_workers", "0", "--knn_every", "1",
@@ -66,7 +69,7 @@ def test_relic_run_reports_finite_per_dim_losses_and_online_knn_far_above_chance
     assert all(abs(rows[0][f"train/loss_d{d}"] - np.log(16)) < 0.1 for d in DIMS)
     assert abs(rows[-1]["train/logit_scale"] - rows[0]["train/logit_scale"]) > 1e-3  # the temperature is trained
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
-    assert metrics["dims"] == DIMS and [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["dims"] == DIMS and [h["epoch"] for h in metrics["history"]] == [0, 1, 2]  # 0: untrained
     knn = metrics["knn_accuracy"]
     assert knn[-1] > 0.5 and knn[-1] > knn[0]  # 10 classes: chance is 0.1; the full width beats 8 dims
     assert "online kNN accuracy per dim" in result.stdout
@@ -78,13 +81,18 @@ def test_wandb_gets_per_dim_loss_and_knn_series_and_a_table_at_monotonic_steps(r
     steps = [r["_step"] for r in rows]
     assert steps == sorted(steps)
     knn_rows = [r for r in rows if "knn/accuracy_d8" in r]
-    assert [r["_step"] for r in knn_rows] == [4, 8] and [r["epoch"] for r in knn_rows] == [1, 2]
+    assert [r["_step"] for r in knn_rows] == [0, 4, 8] and [r["epoch"] for r in knn_rows] == [0, 1, 2]
     assert all(f"knn/accuracy_d{d}" in r for r in knn_rows for d in DIMS)
     first = train_rows(tmp)[1]
     assert all(f"train/loss_d{d}" in first for d in DIMS)
     assert first["train/lr"] == pytest.approx(2e-3) and first["train/logit_scale"] == pytest.approx(1.0, abs=0.01)
     assert first["train/ema_gamma"] == 0.0 and train_rows(tmp)[3]["train/ema_gamma"] > 0.99  # copy, then EMA
     assert list((tmp / "wandb").glob("wandb/offline-run-*/files/media/table/knn_accuracy_per_dim*.table.json"))
+    # the page says where chance is, measures the gradient norm without clipping, and charts kNN against log2(dim)
+    cfg = wandb_config(run_dirs(tmp / "wandb")[0])
+    assert cfg["loss_per_dim_at_chance"] == pytest.approx(np.log(16)) and cfg["knn_accuracy_at_chance"] == 0.1
+    assert all(r["train/grad_norm"] > 0 for r in train_rows(tmp).values())
+    assert "charts/knn_accuracy_vs_dim" in cfg["_wandb"]["visualize"]
 
 
 def test_saved_backbone_loads_like_evaluate_and_reproduces_the_final_knn(relic):
@@ -151,7 +159,7 @@ def test_byol_trains_in_train_mode_after_eval_and_moves_the_target_once_per_opti
     monkeypatch.setattr(train_ssl, "knn_monitor", lambda *a: knn_calls.append(len(modes)) or monitor(*a))
     run_main([*IN_PROCESS, "--method", "byol", "--gpu_augment", "--grad_accum_steps", "2", "--epochs", "2",
               "--checkpointing_steps", "4", "--output_dir", tmp_path / "out"])
-    assert len(modes) == 8 and knn_calls == [4, 8]  # 4 batches per epoch, the monitor after each epoch
+    assert len(modes) == 8 and knn_calls == [0, 4, 8]  # 4 batches per epoch; the monitor at the start, after each epoch
     assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 1.0, losses  # 7 dims x BYOL's 2 - 2 cos: starts near 14
     assert all(all(flags) and len(flags) > 40 for flags in modes)
     assert updates == [0, 1, 2, 3]  # 2 optimizer steps per epoch

@@ -146,3 +146,5 @@ def test_image_folder_with_a_corrupt_file_trains_and_accounts_for_it(tmp_path):
     # The broken file is dropped from training (and counted), or left out of the evaluation of its split.
     not_evaluated = (val_size - metrics["val"]["n"]) + (test_size - metrics["test"]["n"])
     assert (int(skipped.group(1)) if skipped else 0) + not_evaluated == 1
+    # with seed 0 the broken file is in the train split: skipped, counted and named in the epoch's summary
+    assert f"skipped 1 unreadable images ({folder / 'one' / 'broken.png'})" in result.stdout
