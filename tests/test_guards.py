@@ -8,14 +8,32 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DIGITS_FAST, ROOT, TWO_PROCESSES, run_script
+from conftest import DIGITS_FAST, ROOT, run_script, shared_run
 from mrl.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from wandb_history import history, run_dirs
 
 ARGS = [*DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2, "--checkpointing_steps", 7, "--log_every", 1]
+# The preemption runs: 448 training images, 7 optimizer steps an epoch (14 in all), a checkpoint every 3 steps, so
+# the signal arrives mid-epoch and every delivery path costs two short runs.
+PREEMPTED = [*DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2, "--max_train_samples", 448, "--max_eval_samples", 64,
+             "--checkpointing_steps", 3, "--log_every", 1]
+FIRST_CHECKPOINT, LAST_STEP = 3, 14
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """The preemption runs' reference: the same run, never stopped (shared by pytest-xdist workers)."""
+    return shared_run(tmp_path_factory, "uninterrupted", "train_supervised.py", *PREEMPTED, wandb=True)[0]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_two_processes(tmp_path_factory):
+    return shared_run(tmp_path_factory, "uninterrupted_two_processes", "train_supervised.py", *PREEMPTED, wandb=True,
+                      processes=2)[0]
 LAUNCHERS = {
     "python": [sys.executable],
     "accelerate": [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "-q", "--config_file",
@@ -29,9 +47,9 @@ def children(pid):
         return [int(c) for c in f.read().split()]
 
 
-def preempt(launcher, target, signum, out, tmp_path, args=ARGS):
+def preempt(launcher, target, signum, out, tmp_path, args=PREEMPTED):
     """Start a run with 2 DataLoader workers per process in a session of its own, wait for its first checkpoint
-    (step 7, mid-epoch), deliver `signum` to the `target` ("group": every process, as `timeout`, `docker stop`,
+    (mid-epoch), deliver `signum` to the `target` ("group": every process, as `timeout`, `docker stop`,
     Kubernetes and Slurm job steps do; "launcher"; "trainer": the training process under the launcher), and wait
     until every process has ended. Returns (launcher exit status, stderr)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"),
@@ -42,7 +60,7 @@ def preempt(launcher, target, signum, out, tmp_path, args=ARGS):
                                 "--num_workers", "2", "--output_dir", str(out)], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
-    while not (out / "checkpoints" / "step_00000007").is_dir():
+    while not (out / "checkpoints" / f"step_{FIRST_CHECKPOINT:08d}").is_dir():
         assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
         time.sleep(0.05)
     if target == "group":
@@ -55,11 +73,11 @@ def preempt(launcher, target, signum, out, tmp_path, args=ARGS):
     return process.returncode, stderr
 
 
-def check_preempted_and_resumed(out, stderr, reference, tmp_path, processes=1, args=ARGS):
+def check_preempted_and_resumed(out, stderr, reference, tmp_path, processes=1, args=PREEMPTED):
     """The run saved a checkpoint at a step boundary, left the marker, printed no traceback; relaunched with
     --resume_from_checkpoint latest it ends exactly like the uninterrupted `reference` run."""
     marker = json.loads((out / PREEMPTED_MARKER).read_text())
-    assert 7 <= marker["step"] < 46 and not (out / "model.safetensors").exists()
+    assert FIRST_CHECKPOINT <= marker["step"] < LAST_STEP and not (out / "model.safetensors").exists()
     assert (out / "checkpoints" / f"step_{marker['step']:08d}").is_dir()
     # no traceback from the training process (torchrun prints one of its own for the signal it got)
     assert not re.search(r'File ".*(train_supervised\.py|/mrl/)', stderr) and "DataLoader worker" not in stderr, \
@@ -69,6 +87,7 @@ def check_preempted_and_resumed(out, stderr, reference, tmp_path, processes=1, a
     assert not (out / PREEMPTED_MARKER).exists()  # the relaunch removed it
     original = json.loads((reference / "out" / "metrics.json").read_text())
     continued = json.loads((out / "metrics.json").read_text())
+    assert original["steps"] == LAST_STEP
     assert continued["history"] == original["history"] and continued["test"] == original["test"]
     a, b = load_file(reference / "out" / "model.safetensors"), load_file(out / "model.safetensors")
     for key in a:
@@ -76,10 +95,10 @@ def check_preempted_and_resumed(out, stderr, reference, tmp_path, processes=1, a
     return marker
 
 
-def test_sigterm_to_the_process_group_saves_and_the_relaunch_ends_like_an_uninterrupted_run(trained, tmp_path):
+def test_sigterm_to_the_process_group_saves_and_the_relaunch_ends_like_an_uninterrupted_run(uninterrupted, tmp_path):
     # What `timeout`, `docker stop`, Kubernetes and Slurm do. The DataLoader workers get the signal too and must
     # not die of it before the training process has saved.
-    reference, _ = trained
+    reference = uninterrupted
     code, stderr = preempt("python", "group", signal.SIGTERM, tmp_path / "out", tmp_path)
     assert code == PREEMPTED_EXIT_CODE and "Traceback" not in stderr, stderr[-3000:]
     assert "preempted: saved" in stderr and "--resume_from_checkpoint latest" in stderr
@@ -93,35 +112,33 @@ def test_sigterm_to_the_process_group_saves_and_the_relaunch_ends_like_an_uninte
         assert steps == sorted(steps)
 
 
-def test_sigterm_to_accelerate_launch_alone_reaches_the_training_process(trained, tmp_path):
+def test_sigterm_to_accelerate_launch_alone_reaches_the_training_process(uninterrupted, tmp_path):
     # accelerate launch dies of SIGTERM without passing it on; the training process follows its launcher.
-    reference, _ = trained
+    reference = uninterrupted
     code, stderr = preempt("accelerate", "launcher", signal.SIGTERM, tmp_path / "out", tmp_path)
     assert code == -signal.SIGTERM
     assert check_preempted_and_resumed(tmp_path / "out", stderr, reference, tmp_path)["signal"] == "SIGTERM"
 
 
-def test_sigusr1_to_the_training_process_under_accelerate_launch_leaves_the_marker(trained, tmp_path):
+def test_sigusr1_to_the_training_process_under_accelerate_launch_leaves_the_marker(uninterrupted, tmp_path):
     # the launcher turns exit status 75 into 1: the marker is what tells a job script to requeue
-    reference, _ = trained
+    reference = uninterrupted
     code, stderr = preempt("accelerate", "trainer", signal.SIGUSR1, tmp_path / "out", tmp_path)
     assert code == 1 and "preempted: saved" in stderr
     assert check_preempted_and_resumed(tmp_path / "out", stderr, reference, tmp_path)["signal"] == "SIGUSR1"
 
 
-def test_ctrl_c_saves_like_a_preemption(trained, tmp_path):
-    reference, _ = trained
+def test_ctrl_c_saves_like_a_preemption(uninterrupted, tmp_path):
+    reference = uninterrupted
     code, stderr = preempt("python", "group", signal.SIGINT, tmp_path / "out", tmp_path)
     assert code == PREEMPTED_EXIT_CODE and "SIGINT received" in stderr, stderr[-3000:]
     assert check_preempted_and_resumed(tmp_path / "out", stderr, reference, tmp_path)["signal"] == "SIGINT"
 
 
-def test_sigterm_to_torchrun_stops_both_processes_at_one_step(trained_two_processes, tmp_path):
-    reference, _ = trained_two_processes
-    args = [*TWO_PROCESSES, "--checkpointing_steps", 7]
-    code, stderr = preempt("torchrun", "launcher", signal.SIGTERM, tmp_path / "out", tmp_path, args=args)
+def test_sigterm_to_torchrun_stops_both_processes_at_one_step(uninterrupted_two_processes, tmp_path):
+    code, stderr = preempt("torchrun", "launcher", signal.SIGTERM, tmp_path / "out", tmp_path)
     assert code != 0  # torchrun reports its own failure: the marker says "preempted"
-    check_preempted_and_resumed(tmp_path / "out", stderr, reference, tmp_path, processes=2, args=args)
+    check_preempted_and_resumed(tmp_path / "out", stderr, uninterrupted_two_processes, tmp_path, processes=2)
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
