@@ -94,6 +94,9 @@ def get_args_parser():
     group.add_argument("--monitor_samples", type=int, default=1000,
                        help="train_ssl.py's online kNN monitor (run once, after the last epoch) on this many bank and "
                             "query images: evaluate.py gives the numbers that count, so keep it cheap")
+    group.add_argument("--checkpointing_steps", default="epoch",
+                       help="train_ssl.py's checkpoint interval (N optimizer steps, or 'epoch'): what an interrupted "
+                            "run of ours loses at most")
     group.add_argument("--max_eval_samples", type=int, default=None,
                        help="evaluate.py: cap the validation and test splits (default: all 10,000 test images)")
     group.add_argument("--output_dir", default=os.path.join(ROOT, "runs", "fidelity"), help="runs, results and table")
@@ -356,8 +359,9 @@ def train_ours(args, side, seed, folder, extra, device, precision):
     command = [*launcher, "train_ssl.py", "--method", "relic", *data_flags(args, seed), "--epochs", str(args.epochs),
                "--batch_size", str(args.batch_size), "--lr", str(args.lr), "--num_workers", str(args.num_workers),
                "--knn_every", "0", "--knn_bank_samples", str(args.monitor_samples),
-               "--max_eval_samples", str(args.monitor_samples), "--report_to", "none", "--checkpoints_total_limit",
-               "1", "--resume_from_checkpoint", "latest", "--overwrite", "--output_dir", folder,
+               "--max_eval_samples", str(args.monitor_samples), "--report_to", "none", "--checkpointing_steps",
+               args.checkpointing_steps, "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
+               "--overwrite", "--output_dir", folder,
                *(["--gpu_augment"] if args.gpu_augment else []), *flags]  # later flags win: --lr 0 --epochs 1
     run(command, env=dict(os.environ, WANDB_MODE="disabled"))
 
@@ -455,6 +459,11 @@ def export_online(source, folder):
     from mrl.checkpoint import list_checkpoints
 
     checkpoint = list_checkpoints(source)[-1]
+    with open(os.path.join(source, "metrics.json")) as f:
+        steps = json.load(f)["steps"]
+    if not checkpoint.endswith(f"step_{steps:08d}"):  # --checkpointing_steps N need not land on the last step
+        raise AssertionError(f"{source}'s last checkpoint {checkpoint} is not its final step {steps}: pick a "
+                             "--checkpointing_steps that divides the run's steps, or 'epoch'")
     state = load_file(os.path.join(checkpoint, "model.safetensors"))
     prefix = "online.backbone."
     backbone = {"backbone." + k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
@@ -531,7 +540,7 @@ def markdown(summary, comparison, sides, dims):
             if metric in comparison:
                 c = comparison[metric].get(d)
                 cells += [f"{100 * c['ours_minus_seed']:+.1f}{' *' if c['beyond_noise'] else ''}",
-                          f"{100 * c['noise']:.1f}"] if c else ["-", "-"]
+                          f"{100 * c['noise']:.1f}" if len(c["paired"]) > 1 else "-"] if c else ["-", "-"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("noise: the larger seed-to-seed spread (max - min over the training seeds) of ours and of the seed at "
