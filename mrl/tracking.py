@@ -67,7 +67,6 @@ def init_tracking(accelerator, args, state, config, job_type="train", relog=None
             relog_history(accelerator, args, state, relog, run)
 
 
-
 def wandb_info(state, args):
     """What config.json records of the W&B run, so that evaluate.py can name the run and the model artifact it
     evaluates; None without W&B."""
