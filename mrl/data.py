@@ -353,7 +353,8 @@ class ImageTransform:
         samples, unreadable = [], []
         for item, index in zip(batch["image"], batch["index"]):
             image = open_image(item)
-            unreadable.append(None if image is not None else item.get("path") or f"row {index}")
+            path = item.get("path") if isinstance(item, dict) else None  # a missing cell (None) too
+            unreadable.append(None if image is not None else path or f"row {index}")
             if image is None:
                 samples.append(None)
                 continue

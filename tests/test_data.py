@@ -94,6 +94,8 @@ def test_collate_drops_unreadable_images_for_training_and_masks_them_for_evaluat
     assert train["unreadable"] == ["row 1"]  # named: by its file path when it has one, else by its row
     assert transform({"image": [{"bytes": None, "path": "/x/bad.png"}], "label": [0], "index": [7]})["unreadable"] == \
         ["/x/bad.png"]
+    # a missing cell (None: a row without an image) is skipped and named by its row like a corrupt one
+    assert transform({"image": [None], "label": [0], "index": [9]})["unreadable"] == ["row 9"]
     evaluation = Collate(keep_shape=True)(samples)
     assert evaluation["pixel_values"].shape == (3, 3, 8, 8) and evaluation["labels"].tolist() == [3, -1, 5]
     assert evaluation["pixel_values"][1].abs().sum() == 0
