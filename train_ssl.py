@@ -35,8 +35,8 @@ import torchvision.transforms as T
 
 from mrl import UserError, cli, plots
 from mrl.augment import BatchAugment, batch_seed, ssl_augmentation
-from mrl.checkpoint import (CONFIG_FILE, MODEL_FILE, TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint,
-                            save_model, write_config)
+from mrl.checkpoint import (TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model,
+                            write_config)
 from mrl.data import Collate, ImageTransform, attach_transforms, build_transform, get_preset, load_splits
 from mrl.device_data import DeviceLoader
 from mrl.ema import EMA
@@ -372,7 +372,7 @@ def main(args):
     save_model(accelerator, exported.to(memory_format=torch.contiguous_format), args.output_dir, config)
     if accelerator.is_main_process:
         write_reports(args, accelerator, knn_dims, knn, state)
-    log_model_artifact(accelerator, args, state, [os.path.join(args.output_dir, f) for f in (MODEL_FILE, CONFIG_FILE)],
+    log_model_artifact(accelerator, args, state,
                        {"dims": dims, "dataset": args.dataset, "backbone": args.model, "method": args.method,
                         "knn_accuracy": knn})
     finish_tracking(accelerator)

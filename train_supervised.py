@@ -22,8 +22,8 @@ import time
 import torch
 
 from mrl import UserError, cli, plots
-from mrl.checkpoint import (CONFIG_FILE, MODEL_FILE, TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint,
-                            save_model, write_config)
+from mrl.checkpoint import (TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model,
+                            write_config)
 from mrl.data import Collate, attach_transforms, get_preset, load_splits
 from mrl.guards import LossGuard, Preemption, ignore_signals_in_worker
 from mrl.loop import (StepMeter, accumulation_scale, after_optimizer_step, build_accelerator, count_batch,
@@ -162,7 +162,7 @@ def main(args):
     save_model(accelerator, model, args.output_dir, config)
     if accelerator.is_main_process:
         write_reports(args, accelerator, dims, val, test, state, splits.class_names)
-    log_model_artifact(accelerator, args, state, [os.path.join(args.output_dir, f) for f in (MODEL_FILE, CONFIG_FILE)],
+    log_model_artifact(accelerator, args, state,
                        {"dims": dims, "dataset": args.dataset, "backbone": args.model,
                         "test_accuracy": test["accuracy"] if test else None})
     finish_tracking(accelerator)

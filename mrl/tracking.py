@@ -235,17 +235,19 @@ def save_file(accelerator, path):
     accelerator.get_tracker("wandb", unwrap=True).save(path, base_path=os.path.dirname(path), policy="now")
 
 
-def log_model_artifact(accelerator, args, state, files, metadata):
+def log_model_artifact(accelerator, args, state, metadata):
     """The trained model as a W&B artifact of type "model", named after the run: a reference to its files in the
-    output dir (checksummed, not uploaded), so that the evaluation runs that use it show on the page as its
-    consumers (lineage)."""
+    output dir, model.safetensors and config.json (checksummed, not uploaded), so that the evaluation runs that use
+    it show on the page as its consumers (lineage)."""
     if not (accelerator.is_main_process and accelerator.trackers):
         return
     import wandb
 
+    from mrl.checkpoint import CONFIG_FILE, MODEL_FILE
+
     artifact = wandb.Artifact(model_artifact_name(state.wandb_run_id), type="model", metadata=metadata)
-    for path in files:
-        artifact.add_reference("file://" + os.path.abspath(path))
+    for name in (MODEL_FILE, CONFIG_FILE):
+        artifact.add_reference("file://" + os.path.abspath(os.path.join(args.output_dir, name)))
     accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact)
 
 
