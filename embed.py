@@ -28,13 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 import datasets
 from mrl import UserError, cli
-from mrl.data import PRESETS, Collate, ImageTransform, load_splits
-from mrl.features import embed
+from mrl.data import PRESETS, Collate, FillUnreadable, ImageTransform, load_splits
+from mrl.distributed import make_accelerator
+from mrl.features import embedded_batches
 from mrl.pretrained import MatryoshkaEncoder, list_images
 from mrl.retrieval import funnel_search, nearest_neighbors
 
@@ -111,7 +111,7 @@ def check_args(args):
 # ---- embedding
 
 def build(args):
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     log = accelerator.print
     with accelerator.main_process_first():  # a Hub model is downloaded once, by the main process
         model = MatryoshkaEncoder.from_pretrained(args.checkpoint, device=accelerator.device)
@@ -126,17 +126,21 @@ def build(args):
     with accelerator.main_process_first():
         rows, metadata, class_names, source = image_rows(args, model.config)
     rows.set_transform(ImageTransform(model.preprocess))
-    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                                         collate_fn=Collate(keep_shape=True), pin_memory=torch.cuda.is_available())
+    loader = torch.utils.data.DataLoader(FillUnreadable(rows, evaluation=True), batch_size=args.batch_size,
+                                         shuffle=False, num_workers=args.num_workers, collate_fn=Collate(),
+                                         pin_memory=torch.cuda.is_available())
     log(f"embedding {len(rows)} images from {source} with {args.checkpoint} at dims {dims}, "
         f"{accelerator.num_processes} process(es)")
     start = time.perf_counter()
     loader = accelerator.prepare(loader)
-    features, positions = embed(accelerator, model.backbone, tqdm(loader, desc="embedding", dynamic_ncols=True,
-                                                                  disable=not accelerator.is_local_main_process))
-    seconds = time.perf_counter() - start
-    if accelerator.is_main_process:
-        write_embeddings(args, output_dir, features, positions, metadata, class_names, dims, source, seconds, log)
+    # every process embeds its shard; the main process writes the gathered rows as they come, a chunk at a time
+    writer = EmbeddingWriter(args, output_dir, metadata, class_names, dims) if accelerator.is_main_process else None
+    for features, positions in embedded_batches(accelerator, model.backbone, tqdm(
+            loader, desc="embedding", dynamic_ncols=True, disable=not accelerator.is_local_main_process)):
+        if writer is not None:
+            writer.add(features, positions)
+    if writer is not None:
+        writer.close(source, time.perf_counter() - start, log)
     accelerator.end_training()
 
 
@@ -189,37 +193,81 @@ def image_rows(args, config):
     return rows, metadata, splits.class_names, f"{args.dataset} ({', '.join(name for name, _ in parts)})"
 
 
-def write_embeddings(args, output_dir, features, positions, metadata, class_names, dims, source, seconds, log):
-    """embeddings.parquet (metadata columns + one L2-normalized prefix column per dim), the index, embed.json."""
-    os.makedirs(output_dir, exist_ok=True)
-    kept = positions.tolist()
-    columns = {name: pa.array([values[i] for i in kept]) for name, values in metadata.items()}
-    for d in dims:
-        prefix = F.normalize(features[:, :d].float(), dim=1).numpy()
-        columns[f"embedding_{d}"] = pa.FixedSizeListArray.from_arrays(pa.array(prefix.reshape(-1)), d)
-    table = datasets.Dataset(datasets.table.InMemoryTable(pa.table(columns)))
-    if class_names is not None:  # the label column keeps its class names in the Parquet file's features
-        table = table.cast_column("label", datasets.ClassLabel(names=list(class_names)))
-    table.to_parquet(os.path.join(output_dir, EMBEDDINGS))
-    total = len(metadata[next(iter(metadata))])
-    unreadable = sorted(set(range(total)) - set(kept))
-    skipped = len(unreadable)
-    manifest = {"checkpoint": os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint,
-                "source": source, "count": len(kept), "skipped_unreadable": skipped, "dims": dims,
-                "columns": list(columns), "normalized": True, "index": None}
-    if args.index_dim is not None:
-        name = f"index_d{args.index_dim}_{args.index_type}.faiss"
-        write_index(columns_matrix(table, args.index_dim), args.index_type, os.path.join(output_dir, name))
-        manifest["index"] = {"file": name, "dim": args.index_dim, "type": args.index_type, "rerank_dim": dims[-1]}
-    with open(os.path.join(output_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
-    name = (lambda i: metadata["path"][i]) if "path" in metadata else (  # noqa: E731
-        lambda i: f"{metadata['split'][i]}[{metadata['row'][i]}]")
-    named = ", ".join(name(i) for i in unreadable[:3]) + (", ..." if skipped > 3 else "")
-    log(f"embedded {len(kept)} images in {seconds:.1f} s"
-        + (f" ({skipped} unreadable, skipped: {named})" if skipped else "")
-        + f"; wrote {os.path.join(output_dir, EMBEDDINGS)} (columns {', '.join(columns)})"
-        + (f" and a {args.index_type} index over dim {args.index_dim}" if args.index_dim else ""))
+class EmbeddingWriter:
+    """Writes embeddings.parquet (metadata columns + one L2-normalized prefix column per dim), the faiss index and
+    embed.json from gathered batches, CHUNK_ROWS rows at a time: a collection of any size is written with a
+    chunk's worth of memory (a Parquet row group each, added to the index as it is written)."""
+
+    CHUNK_ROWS = 8192
+
+    def __init__(self, args, output_dir, metadata, class_names, dims):
+        self.args, self.output_dir, self.metadata, self.class_names = args, output_dir, metadata, class_names
+        self.dims = dims
+        self.total = len(metadata[next(iter(metadata))])
+        self.written = np.zeros(self.total, dtype=bool)
+        self.pending, self.pending_rows, self.parquet, self.index = [], 0, None, None
+        os.makedirs(output_dir, exist_ok=True)
+        if args.index_dim is not None:
+            self.index = new_index(args.index_dim, args.index_type)
+
+    def add(self, features, positions):
+        self.pending.append((features, positions))
+        self.pending_rows += len(positions)
+        if self.pending_rows >= self.CHUNK_ROWS:
+            self.flush()
+
+    def flush(self):
+        if not self.pending_rows:
+            return
+        features = torch.cat([f for f, _ in self.pending])
+        kept = torch.cat([p for _, p in self.pending]).tolist()
+        self.pending, self.pending_rows = [], 0
+        self.written[kept] = True
+        columns = {name: pa.array([values[i] for i in kept]) for name, values in self.metadata.items()}
+        for d in self.dims:
+            prefix = F.normalize(features[:, :d].float(), dim=1).numpy()
+            columns[f"embedding_{d}"] = pa.FixedSizeListArray.from_arrays(pa.array(prefix.reshape(-1)), d)
+            if self.index is not None and d == self.args.index_dim:
+                self.index.add(prefix)
+        table = pa.table(columns)
+        if self.parquet is None:
+            schema = datasets.Features.from_arrow_schema(table.schema)
+            if self.class_names is not None:  # the label column keeps its class names in the file's features
+                schema["label"] = datasets.ClassLabel(names=list(self.class_names))
+            self.schema = schema.arrow_schema
+            self.parquet = pq.ParquetWriter(os.path.join(self.output_dir, EMBEDDINGS), self.schema)
+        self.parquet.write_table(table.cast(self.schema))
+
+    def close(self, source, seconds, log):
+        self.flush()
+        if self.parquet is None:
+            raise UserError(f"none of the {self.total} images could be read (corrupt or empty files?)")
+        self.parquet.close()
+        args, kept = self.args, int(self.written.sum())
+        unreadable = np.flatnonzero(~self.written).tolist()
+        skipped = len(unreadable)
+        columns = [*self.metadata, *(f"embedding_{d}" for d in self.dims)]
+        checkpoint = os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
+        manifest = {"checkpoint": checkpoint,
+                    "source": source, "count": kept, "skipped_unreadable": skipped, "dims": self.dims,
+                    "columns": columns, "normalized": True, "index": None}
+        if self.index is not None:
+            name = f"index_d{args.index_dim}_{args.index_type}.faiss"
+            import faiss
+
+            faiss.write_index(self.index, os.path.join(self.output_dir, name))
+            manifest["index"] = {"file": name, "dim": args.index_dim, "type": args.index_type,
+                                 "rerank_dim": self.dims[-1]}
+        with open(os.path.join(self.output_dir, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+        metadata = self.metadata
+        name = (lambda i: metadata["path"][i]) if "path" in metadata else (  # noqa: E731
+            lambda i: f"{metadata['split'][i]}[{metadata['row'][i]}]")
+        named = ", ".join(name(i) for i in unreadable[:3]) + (", ..." if skipped > 3 else "")
+        log(f"embedded {kept} images in {seconds:.1f} s"
+            + (f" ({skipped} unreadable, skipped: {named})" if skipped else "")
+            + f"; wrote {os.path.join(self.output_dir, EMBEDDINGS)} (columns {', '.join(columns)})"
+            + (f" and a {args.index_type} index over dim {args.index_dim}" if args.index_dim else ""))
 
 
 def columns_matrix(table, d):
@@ -228,13 +276,11 @@ def columns_matrix(table, d):
     return torch.from_numpy(column.combine_chunks().flatten().to_numpy().reshape(-1, d).copy())
 
 
-def write_index(vectors, kind, path):
+def new_index(dim, kind):
+    """An empty faiss inner-product index over `dim`-dim vectors: exact (flat) or an HNSW graph."""
     import faiss
 
-    index = (faiss.IndexFlatIP(vectors.shape[1]) if kind == "flat"
-             else faiss.IndexHNSWFlat(vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT))
-    index.add(vectors.numpy())
-    faiss.write_index(index, path)
+    return faiss.IndexFlatIP(dim) if kind == "flat" else faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
 
 
 class FaissShortlist:

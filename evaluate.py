@@ -29,11 +29,11 @@ import os
 import time
 
 import torch
-from accelerate import Accelerator
 
 from mrl import UserError, cli, plots
 from mrl.checkpoint import MODEL_FILE, TrainState, checkpoint_run_dir, is_checkpoint, load_model, read_config
 from mrl.data import ImageTransform, build_transform, load_splits, split_record, trained_rows
+from mrl.distributed import make_accelerator
 from mrl.features import cache_key, file_digest, load_or_extract, pca
 from mrl.model_card import update_card_with_evaluation
 from mrl.models import default_dims
@@ -97,7 +97,7 @@ def get_args_parser():
 
 def main(args):
     check_args(args)
-    accelerator = Accelerator(log_with="wandb" if args.report_to == "wandb" else None)
+    accelerator = make_accelerator(log_with="wandb" if args.report_to == "wandb" else None)
     # the W&B run starts now, so that the console output below is on its page too
     init_tracking(accelerator, args, TrainState(), vars(args), job_type="eval")
     log = accelerator.print

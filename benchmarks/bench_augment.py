@@ -20,7 +20,7 @@ import torchvision.transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mrl.augment import BatchAugment, ssl_augmentation  # noqa: E402
-from mrl.data import PRESETS, Collate, ImageTransform, load_splits  # noqa: E402
+from mrl.data import PRESETS, Collate, FillUnreadable, ImageTransform, load_splits  # noqa: E402
 
 DEFAULT_CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10")
 
@@ -53,7 +53,8 @@ def main():
 
     def loader(transform, views):
         splits.train.set_transform(ImageTransform(transform, seed=0, views=views))
-        return torch.utils.data.DataLoader(splits.train, batch_size=args.batch_size, num_workers=args.workers,
+        return torch.utils.data.DataLoader(FillUnreadable(splits.train), batch_size=args.batch_size,
+                                           num_workers=args.workers,
                                            collate_fn=Collate(), shuffle=False)
 
     two_views = T.Compose([ssl_augmentation(32), T.ToTensor(), T.Normalize(preset.mean, preset.std)])

@@ -31,7 +31,7 @@ from accelerate.utils import DataLoaderConfiguration
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mrl.augment import BatchAugment, batch_seed, ssl_augmentation  # noqa: E402
-from mrl.data import PRESETS, Collate, ImageTransform, load_splits  # noqa: E402
+from mrl.data import PRESETS, Collate, FillUnreadable, ImageTransform, load_splits  # noqa: E402
 from mrl.device_data import DeviceLoader, cached_decode, decode_transform  # noqa: E402
 
 DEFAULT_CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10")
@@ -59,7 +59,7 @@ def main():
     def loader(transform, views):
         dataset = train.with_transform(ImageTransform(transform, seed=0, views=views))
         return accelerator.prepare(torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+            FillUnreadable(dataset), batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
             collate_fn=Collate(), pin_memory=device.type == "cuda"))
 
     def batched_views(batch, epoch, index):  # what train_one_epoch does with --gpu_augment / --data_on_device

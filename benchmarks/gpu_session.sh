@@ -5,6 +5,9 @@
 # is left of the budget is skipped and named in the summary.
 #
 #   env                 GPU, driver, library versions; imports everything the parts need
+#   gpu_paths           every code path only a GPU runs, a few steps each, PASS/FAIL/SKIP per path
+#                       (benchmarks/gpu_paths.py: bf16, fp16, --data_on_device + resume, inductor + from_pretrained,
+#                       embed.py; with 2+ GPUs --sync_bn and 2 compiled processes preempted and resumed)
 #   seed_epoch          mrl-pytorch 0.1.1 end to end, CIFAR-10 (50,000 images, batch 256, fp16 as its
 #                       --fp16_precision, its PIL pipeline in $WORKERS workers): seconds per epoch, the yardstick
 #   epochs_device       train_ssl.py --method relic, ResNet-18, CIFAR-10 (49,500 images: --val_fraction 0.01),
@@ -123,6 +126,7 @@ PYTHON
 export -f report_env
 export PY
 part env 60 bash -c report_env
+part gpu_paths 300 $PY benchmarks/gpu_paths.py --dataset_path "$DATA" --device "$DEVICE" --work "$WORK/paths"
 
 part seed_epoch 150 $PY benchmarks/bench_seed_epoch.py --device "$DEVICE" --precision "$FP16" --workers "$WORKERS" \
   --dataset_path "$DATA" --seed_wheel_dir .whl/seed "${SEED[@]}"
@@ -160,6 +164,7 @@ epochs gpu_augment_compile 240 inductor --gpu_augment
 
 {
   echo "=== summary ($SECONDS s; the 2nd epoch of each run is the steady state; s/50k: seconds per 50,000 images)"
+  grep -h "^PASS\|^FAIL\|^SKIP" "$WORK"/gpu_paths.txt 2>/dev/null
   for f in "$WORK"/seed_epoch.txt "$WORK"/epochs_*.txt; do
     [ -f "$f" ] || continue
     grep -ao 'epoch [0-9]*: [0-9]* images in [0-9.]* s ([0-9,.]* img/s)' "$f" | tr -d , | awk -v n="$(basename "$f" .txt)" \

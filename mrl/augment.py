@@ -56,8 +56,8 @@ class BatchAugment:
     per batch and a resumed run augments exactly as the uninterrupted one.
 
     Differences from the PIL pipeline, all in distribution only: the crop box is drawn once and clipped to the image
-    (torchvision redraws up to 10 times), its corners are not rounded to whole pixels (bilinear sampling with
-    `grid_sample`), and the colour-jitter order is drawn once per batch instead of per image (as kornia does).
+    (torchvision redraws up to 10 times) and its corners are not rounded to whole pixels (bilinear sampling with
+    `grid_sample`). Nothing is read back to the host, so the device's queue never drains here.
     """
 
     def __init__(self, image_size, mean, std, crop_scale=(0.08, 1.0), strength=1.0, jitter_prob=0.8, gray_prob=0.2,
@@ -83,10 +83,15 @@ class BatchAugment:
                    "contrast": uniform(max(0.0, 1 - self.contrast), 1 + self.contrast),
                    "saturation": uniform(max(0.0, 1 - self.saturation), 1 + self.saturation),
                    "hue": uniform(-self.hue, self.hue)}
+        # each sample's own order of the four adjustments (torchvision draws one per image), applied without reading
+        # it on the host, which would wait for the device: at every stage all four are computed and each sample
+        # takes the one its order names there
+        order = torch.rand(n, 4, generator=generator, device=device).argsort(1)
+        samples = torch.arange(n, device=device)
         jittered = x
-        for op in torch.randperm(4, generator=generator, device=device).tolist():
-            name = ("brightness", "contrast", "saturation", "hue")[op]
-            jittered = getattr(self, f"adjust_{name}")(jittered, factors[name])
+        for stage in range(4):
+            candidates = torch.stack([getattr(self, f"adjust_{name}")(jittered, factors[name]) for name in factors])
+            jittered = candidates[order[:, stage], samples]
         x = torch.where(jitter[:, None, None, None], jittered, x)
         x = torch.where((rand(n) < self.gray_prob)[:, None, None, None], grayscale(x).expand_as(x), x)
         if self.kernel > 1 and self.blur_prob > 0:

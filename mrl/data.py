@@ -343,7 +343,7 @@ class ImageTransform:
     so a sample is augmented the same way whichever worker, process or resumed run loads it: resuming mid-epoch
     and changing the number of workers or processes leave the training batches bit-identical. `epoch` is read
     when the DataLoader's workers are started (they get a copy), so set it before iterating over an epoch.
-    Unreadable images come out as None; Collate drops or masks them.
+    Unreadable images come out as None; FillUnreadable fills them in.
     """
 
     def __init__(self, transform, seed=None, views=1):
@@ -366,34 +366,69 @@ class ImageTransform:
         return {"pixel_values": samples, "label": batch["label"], "unreadable": unreadable}
 
 
-class Collate:
-    """Stack a batch; `skipped` counts the samples whose image could not be read, `unreadable` names them (their
-    file path, or their row in the split).
+class FillUnreadable(torch.utils.data.Dataset):
+    """A transformed split (ImageTransform's samples) whose unreadable images are filled in, so that every batch
+    has the same shape on every process: NCCL's collectives do not check shapes, and DDP expects every process to
+    take every step.
 
-    For training they are dropped. For evaluation (`keep_shape=True`) they become zero images labelled -1, so every
-    process contributes equally shaped tensors to `gather_for_metrics`; the metrics then ignore label -1.
+    Training (`evaluation=False`): an unreadable sample is replaced by the next readable one after it in the split
+    (position + 1, + 2, ..., wrapping around), loaded through the same transform. Which one replaces it is a function
+    of the split alone, so batches stay the same on any number of processes and after a resume; --data_on_device
+    replaces the same way (mrl.device_data.replacements). Evaluation (`evaluation=True`): a zero image shaped like
+    that readable sample, labelled -1, which the metrics leave out. Either way the sample keeps the unreadable image's
+    name in `unreadable` (Collate counts and names them). Only when no image of the whole split can be read does the
+    sample stay None, and the batch comes out empty (Collate).
     """
 
-    def __init__(self, keep_shape=False):
-        self.keep_shape = keep_shape
+    def __init__(self, dataset, evaluation=False):
+        self.dataset, self.evaluation = dataset, evaluation
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, position):
+        return self.__getitems__([position])[0]
+
+    def __getitems__(self, positions):  # the DataLoader fetches a whole batch through this
+        samples = self.dataset.__getitems__(list(positions))
+        for k, (position, sample) in enumerate(zip(positions, samples)):
+            if sample["pixel_values"] is None:
+                other = self.readable_after(position)
+                if other is not None:
+                    if self.evaluation:
+                        other = {**other, "pixel_values": zeros_like(other["pixel_values"]), "label": -1}
+                    samples[k] = {**other, "unreadable": sample["unreadable"]}
+        return samples
+
+    def readable_after(self, position):
+        n = len(self.dataset)
+        for other in range(position + 1, position + n):
+            sample = self.dataset[other % n]
+            if sample["pixel_values"] is not None:
+                return sample
+        return None
+
+
+def zeros_like(pixels):
+    return [torch.zeros_like(p) for p in pixels] if isinstance(pixels, list) else torch.zeros_like(pixels)
+
+
+class Collate:
+    """Stack a batch of FillUnreadable's samples; `skipped` counts the unreadable images among them (filled in),
+    `unreadable` names them (their file path, or their row in the split). A batch in which something is still missing
+    (no image of the split can be read) comes out empty: the scripts stop there with one line."""
 
     def __call__(self, batch):
-        bad = [b["pixel_values"] is None for b in batch]
-        unreadable = [b.get("unreadable") or "?" for b in batch if b["pixel_values"] is None]
-        if self.keep_shape and not all(bad):
-            like = next(b["pixel_values"] for b in batch if b["pixel_values"] is not None)
-            batch = [{"pixel_values": torch.zeros_like(like), "label": -1} if b["pixel_values"] is None else b
-                     for b in batch]
-        kept = [b for b in batch if b["pixel_values"] is not None]
-        images = [b["pixel_values"] for b in kept]
-        if not images:
-            pixel_values = torch.empty(0)
-        elif torch.is_tensor(images[0]):
-            pixel_values = torch.stack(images)
-        else:  # several views per sample: one stacked tensor per view
-            pixel_values = [torch.stack(view) for view in zip(*images)]
-        return {"pixel_values": pixel_values, "labels": torch.tensor([b["label"] for b in kept], dtype=torch.long),
-                "skipped": torch.tensor(sum(bad)), "unreadable": unreadable}
+        unreadable = [b["unreadable"] for b in batch if b.get("unreadable")]
+        if any(b["pixel_values"] is None for b in batch):
+            pixel_values, labels = torch.empty(0), torch.empty(0, dtype=torch.long)
+        else:
+            images = [b["pixel_values"] for b in batch]
+            # several views per sample: one stacked tensor per view
+            pixel_values = torch.stack(images) if torch.is_tensor(images[0]) else [torch.stack(v) for v in zip(*images)]
+            labels = torch.tensor([b["label"] for b in batch], dtype=torch.long)
+        return {"pixel_values": pixel_values, "labels": labels, "skipped": torch.tensor(len(unreadable)),
+                "unreadable": unreadable}
 
 
 def attach_transforms(splits, augment, image_size, mean, std, seed, views=1, train_transform=None):

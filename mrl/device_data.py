@@ -9,8 +9,9 @@ by index; train_ssl.py then augments them with its batched augmentation (mrl.aug
 
 The batches are the ones the DataLoader path gives: each epoch's order is Accelerate's seedable sampler's (a function
 of (seed, epoch)), --batch_size is the global batch and every process takes its slice of it (split_batches), the last
-partial batch is dropped, and unreadable images are left out of their batch. So a run sees every sample once per
-epoch on any number of processes, a mid-epoch resume replays the uninterrupted run exactly, and with the same
+partial batch is dropped, and an unreadable image's slot holds the next readable image after it (as the DataLoader
+path's data.FillUnreadable fills it). So a run sees every sample once per epoch on any number of processes, every
+process's batch has the same shape, a mid-epoch resume replays the uninterrupted run exactly, and with the same
 augmentation seeds the views are bit-identical to --gpu_augment's (the decoding is the same: RGB, resized, uint8).
 """
 
@@ -53,7 +54,7 @@ def decode(dataset, image_size, num_workers=0, batch_size=256):
     """Every image of `dataset` decoded: (images uint8 (N, 3, S, S), labels int64 (N,), readable bool (N,)).
 
     Decoded in DataLoader workers (this costs one pass, not one per epoch); an unreadable image is a zero image
-    marked unreadable, which the batches leave out as the DataLoader path's Collate does.
+    marked unreadable, whose slot the batches fill with another (`replacements`).
     """
     n = len(dataset)
     images = np.zeros((n, 3, image_size, image_size), dtype=np.uint8)
@@ -109,6 +110,16 @@ def cached_decode(dataset, image_size, num_workers=0, cache_dir=None, log=print)
     return arrays
 
 
+def replacements(readable):
+    """For every sample, the one whose pixels fill its slot: itself when readable, else the next readable one after
+    it (wrapping around), as data.FillUnreadable replaces an unreadable image in the DataLoader path."""
+    good = np.flatnonzero(readable)
+    if not len(good):
+        raise UserError(f"none of the {len(readable)} training images can be read: corrupt or empty files?")
+    following = good[np.searchsorted(good, np.arange(len(readable)) + 1) % len(good)]
+    return np.where(readable, np.arange(len(readable)), following)
+
+
 def epoch_order(num_samples, seed, epoch):
     """The sample order of `epoch`: Accelerate's seedable sampler's, as the prepared DataLoader draws it."""
     sampler = SeedableRandomSampler(range(num_samples), data_seed=seed)
@@ -119,8 +130,9 @@ def epoch_order(num_samples, seed, epoch):
 class DeviceLoader(DataLoaderStateMixin):
     """The training split on the accelerator, served batch by batch as the prepared training DataLoader would.
 
-    Yields {"pixel_values": uint8 (B/P, 3, S, S), "labels": (B/P,), "skipped": int} on the accelerator, where B is
-    the global --batch_size and P the number of processes; len() is the number of batches per epoch. It takes part
+    Yields {"pixel_values": uint8 (B/P, 3, S, S), "labels": (B/P,)} on the accelerator, with "skipped" (an int) and
+    "unreadable" (their rows) counting and naming the unreadable images whose slots were filled, where B is the
+    global --batch_size and P the number of processes; len() is the number of batches per epoch. It takes part
     in Accelerate's gradient-accumulation bookkeeping like a prepared DataLoader (DataLoaderStateMixin): the last
     batch of an epoch ends the accumulation group, so an incomplete last group still steps.
     """
@@ -133,8 +145,8 @@ class DeviceLoader(DataLoaderStateMixin):
         self.num_samples = len(labels)
         self.images = torch.from_numpy(images).to(self.device)
         self.labels = torch.from_numpy(labels).to(self.device)
-        self.readable = torch.from_numpy(readable)  # stays on the host: batches are filtered there, without a sync
-        self.all_readable = bool(self.readable.all())
+        self.readable = torch.from_numpy(readable)  # stays on the host: unreadable ones are counted there, no sync
+        self.source = torch.from_numpy(replacements(readable))
         self.gradient_state = GradientState()
         self._drop_last = True
 
@@ -159,20 +171,18 @@ class DeviceLoader(DataLoaderStateMixin):
     def batches(self, epoch, start=0):
         """This process's share of the global batches of `epoch`, from batch `start` on (a mid-epoch resume)."""
         order = epoch_order(self.num_samples, self.seed, epoch)
-        on_device = order.to(self.device)  # one copy per epoch; each batch is a slice of it
+        on_device = self.source[order].to(self.device)  # one copy per epoch; each batch is a slice of it
         share = self.batch_size // self.num_processes
         self.begin()
         try:
             for b in range(start, len(self)):
                 first = b * self.batch_size + self.process_index * share
-                if self.all_readable:
-                    index, skipped = on_device[first:first + share], 0
-                else:
-                    index = order[first:first + share]
-                    keep = self.readable[index]
-                    index, skipped = index[keep].to(self.device), int((~keep).sum())
+                rows = order[first:first + share]
+                unreadable = [f"training image {i}" for i in rows[~self.readable[rows]].tolist()]
+                index = on_device[first:first + share]
                 self.end_of_dataloader = b == len(self) - 1
-                yield {"pixel_values": self.images[index], "labels": self.labels[index], "skipped": skipped}
+                yield {"pixel_values": self.images[index], "labels": self.labels[index], "skipped": len(unreadable),
+                       "unreadable": unreadable}
         finally:
             self.end()
 

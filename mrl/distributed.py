@@ -1,6 +1,13 @@
-"""Gathering a batch's embeddings from every process, so that a contrastive loss on N processes compares each image
-with the whole global batch, as it does on one process.
+"""What several processes share: how long a collective may wait, and a batch's embeddings gathered from every
+process, so that a contrastive loss on N processes compares each image with the whole global batch, as it does on one.
 
+The timeout. A collective (a barrier, an all-reduce) waits for every process; past the process group's timeout the
+run fails. NCCL's default, 10 minutes, is shorter than work one process sometimes does alone while the others wait
+at a barrier: downloading and preparing a dataset (`main_process_first`), decoding it for --data_on_device,
+evaluating a checkpoint. Every Accelerator here is built by `make_accelerator`, with 3 hours instead (or
+MRL_DIST_TIMEOUT_MINUTES); a process that really hangs is then noticed that much later.
+
+Gathering.
 Each process computes its loss on its own rows (queries) against the candidates of all processes, averaged over its
 rows; DDP then averages the processes' gradients. For that average to be the gradient of the global loss, the
 gradient that process q's loss sends to process p's candidates must reach p: the backward pass of the gather below
@@ -13,8 +20,34 @@ gradient must be summed, not averaged, or every contrastive gradient shrinks by 
 (CPU runs, the tests) does not implement; an all-reduce works on every backend.
 """
 
+import os
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from mrl import UserError
+
+DEFAULT_TIMEOUT_MINUTES = 180
+
+
+def process_group_timeout():
+    value = os.environ.get("MRL_DIST_TIMEOUT_MINUTES", DEFAULT_TIMEOUT_MINUTES)
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1
+    if minutes <= 0:
+        raise UserError(f"MRL_DIST_TIMEOUT_MINUTES must be a positive number of minutes, got {value!r}")
+    return timedelta(minutes=minutes)
+
+
+def make_accelerator(**kwargs):
+    """`Accelerator(**kwargs)` whose process group (when there are several processes) waits process_group_timeout()
+    in a collective before it fails."""
+    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=process_group_timeout())], **kwargs)
 
 
 def world_size():

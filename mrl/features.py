@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from mrl import UserError
-from mrl.data import Collate
+from mrl.data import Collate, FillUnreadable
 
 
 def file_digest(path, chunk=1 << 20):
@@ -40,34 +40,38 @@ def cache_key(weights_digest, split, dataset, preprocessing):
 
 def extract(accelerator, backbone, dataset, batch_size=256, num_workers=0):
     """(features float32 (n, D), labels (n,)) of a whole split, on the CPU, gathered from every process."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=Collate(keep_shape=True), pin_memory=torch.cuda.is_available())
+    loader = torch.utils.data.DataLoader(FillUnreadable(dataset, evaluation=True), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers, collate_fn=Collate(),
+                                         pin_memory=torch.cuda.is_available())
     backbone.eval()
-    features, labels = embed(accelerator, backbone, accelerator.prepare(loader))
-    return features.cpu(), labels.cpu()
+    return embed(accelerator, backbone, accelerator.prepare(loader))
 
 
 @torch.no_grad()
-def embed(accelerator, backbone, loader, channels_last=False):
-    """Embeddings and labels of every sample of a prepared (sharded) evaluation loader, gathered from all processes
-    in order; the samples the last batch repeated and unreadable images (label -1) are dropped. The caller sets the
-    backbone's mode."""
-    features, labels = [], []
+def embedded_batches(accelerator, backbone, loader, channels_last=False):
+    """(embeddings float32, labels) of each batch of a prepared (sharded) evaluation loader, gathered from all
+    processes, in order, on the CPU; the samples the last batch repeated and unreadable images (label -1) are
+    dropped. Each gathered batch leaves the accelerator at once: a whole split (a million images at 2,048 dims is
+    8 GB) never accumulates in its memory. The caller sets the backbone's mode."""
     for batch in loader:
         x = batch["pixel_values"]
-        if not len(batch["labels"]):  # only unreadable images: Collate had no readable one to shape zeros like
-            names = batch.get("unreadable", [])[:3]
-            raise UserError(f"none of the images of a batch could be read ({', '.join(names)}, ...): corrupt or empty "
-                            "files?")
+        if not len(batch["labels"]):  # FillUnreadable found no readable image in the whole split
+            names = batch["unreadable"][:3]
+            raise UserError(f"none of the images could be read ({', '.join(names)}, ...): corrupt or empty files?")
         with accelerator.autocast():
             z = backbone(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         z, y = accelerator.gather_for_metrics((z.float(), batch["labels"]))
-        features.append(z)
-        labels.append(y)
-    features, labels = torch.cat(features), torch.cat(labels)
-    if not (labels >= 0).any():
-        raise UserError(f"none of the {len(labels)} images of the split could be read (corrupt or empty files?)")
-    return features[labels >= 0], labels[labels >= 0]
+        z, y = z.cpu(), y.cpu()
+        yield z[y >= 0], y[y >= 0]
+
+
+def embed(accelerator, backbone, loader, channels_last=False):
+    """embedded_batches concatenated: (features (n, D), labels (n,)) of the whole split, on the CPU."""
+    batches = list(embedded_batches(accelerator, backbone, loader, channels_last))
+    features, labels = torch.cat([z for z, _ in batches]), torch.cat([y for _, y in batches])
+    if not len(labels):
+        raise UserError("none of the images of the split could be read (corrupt or empty files?)")
+    return features, labels
 
 
 def load_or_extract(accelerator, backbone, dataset, cache_file, batch_size=256, num_workers=0, log=print):

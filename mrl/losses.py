@@ -1,5 +1,7 @@
 """The Matryoshka loss: a base loss applied to nested prefixes of the embedding, summed with per-dim weights."""
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,6 +61,20 @@ def per_head_cross_entropy(logits, labels):
 # ---- self-supervised base losses (train_ssl.py): each compares two batches of embeddings row by row, and the
 # Matryoshka wrapper above applies it to every nested prefix.
 
+@contextlib.contextmanager
+def float32_similarities(device_type):
+    """Similarities computed in real float32: autocast off, and on CUDA no TF32 for matrix products (10 mantissa
+    bits, a third of a percent off for a logit of 5). Accelerate turns TF32 on for runs with a dynamo backend and no
+    mixed precision; it is restored on the way out."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def relic_loss(online, target, log_temperature, alpha=1.0, max_temperature=5.0):
     """ReLIC (Mitrovic et al. 2020) as in mrl-pytorch, one direction: online projections of one view (n, d) against
     target projections of the other view (n, d).
@@ -75,9 +91,9 @@ def relic_loss(online, target, log_temperature, alpha=1.0, max_temperature=5.0):
     On several processes the logits span the global batch: this process's rows against every process's targets
     (the row softmax) and its targets against every process's online embeddings (the column softmax), gathered with
     gradients (mrl.distributed), so the loss is the one-process loss of the whole batch. The similarities are
-    computed in float32 even under autocast: in bf16 the logits (up to 5) lose about three decimal digits.
+    computed in float32 even under autocast (in bf16 the logits, up to 5, lose about three decimal digits) and TF32.
     """
-    with torch.autocast(online.device.type, enabled=False):
+    with float32_similarities(online.device.type):
         online, target = F.normalize(online.float(), dim=-1), F.normalize(target.float(), dim=-1)
         scale = log_temperature.float().exp().clamp(0, max_temperature)
         logits = online @ gather(target).T * scale  # (n, N): rows of the global logits
@@ -94,8 +110,9 @@ def relic_loss(online, target, log_temperature, alpha=1.0, max_temperature=5.0):
 def nt_xent_loss(z1, z2, temperature=0.5):
     """SimCLR's NT-Xent: each of the 2n embeddings must pick its other view among the 2n - 1 others, by cosine
     similarity / temperature; mean cross-entropy over all 2n. On several processes the candidates are every
-    process's embeddings, gathered with gradients (see relic_loss); the similarities are float32 under autocast."""
-    with torch.autocast(z1.device.type, enabled=False):
+    process's embeddings, gathered with gradients (see relic_loss); the similarities are float32 (no autocast, no
+    TF32)."""
+    with float32_similarities(z1.device.type):
         z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
         n, device = len(z1), z1.device
         candidates = torch.cat([gather(z1), gather(z2)])  # all view-1 rows, then all view-2 rows
@@ -110,5 +127,5 @@ def nt_xent_loss(z1, z2, temperature=0.5):
 
 def byol_loss(prediction, target):
     """BYOL's normalized mean squared error, 2 - 2 cos(prediction, target), averaged over the batch."""
-    with torch.autocast(prediction.device.type, enabled=False):
+    with float32_similarities(prediction.device.type):
         return (2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1)).mean()

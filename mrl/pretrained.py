@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 import datasets
 from mrl import UserError
 from mrl.checkpoint import (AFTER_CHECKPOINT, CHECKPOINTS, CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, build_model,
-                            read_config)
+                            read_config, without_wrapper_prefixes)
 from mrl.data import build_transform, open_image
 from mrl.model_card import CARD_FILE, LIBRARY, PAPER, PLOTS, TAGS, build_card, write_card
 from mrl.models import default_dims
@@ -106,7 +106,7 @@ class MatryoshkaEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, t
         if not os.path.isfile(weights):
             raise UserError(f"{model_id} has {CONFIG_FILE} but no {MODEL_FILE}: the run did not finish saving")
         model = cls(config)
-        state = load_file(weights)
+        state = without_wrapper_prefixes(load_file(weights))
         own = model.state_dict().keys()
         missing = sorted(set(own) - state.keys())
         if missing:

@@ -144,3 +144,20 @@ def test_pil_and_batched_paths_agree_in_distribution():
                                                    torch.Generator().manual_seed(0))
     assert cpu.mean().item() == pytest.approx(gpu.mean().item(), abs=0.03)
     assert cpu.std().item() == pytest.approx(gpu.std().item(), abs=0.03)
+
+
+def test_batch_augmentation_reads_nothing_back_to_the_host(monkeypatch):
+    # On an accelerator every read of a device tensor by the host (.item(), .tolist(), bool(), ...) waits for all the
+    # work queued on the device. The augmentation runs at every step (--gpu_augment, --data_on_device): it must not
+    # read one. (The jitter order used to be drawn with randperm(...).tolist().)
+    augment = BatchAugment(16, (0.5,) * 3, (0.5,) * 3)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    expected_shape = augment(images, torch.Generator().manual_seed(1)).shape
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    assert augment(images, generator).shape == expected_shape == (8, 3, 16, 16)

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from mrl import UserError
-from mrl.data import (PRESETS, Collate, ImageTransform, attach_transforms, build_transform, load_splits, open_image,
-                      sample_seed)
+from mrl.data import (PRESETS, Collate, FillUnreadable, ImageTransform, attach_transforms, build_transform, load_splits,
+                      open_image, sample_seed)
 
 
 def test_digits_splits_are_stratified_seeded_and_disjoint():
@@ -82,23 +82,32 @@ def test_every_image_mode_becomes_rgb_and_corrupt_files_are_none():
     assert open_image({"bytes": None, "path": "/nonexistent.png"}) is None
 
 
-def test_collate_drops_unreadable_images_for_training_and_masks_them_for_evaluation():
+def test_unreadable_images_are_replaced_for_training_and_masked_for_evaluation_keeping_every_batch_shape():
     transform = ImageTransform(build_transform("crop", 8, (0.5,) * 3, (0.5,) * 3, train=False))
-    good = _png(Image.new("L", (8, 8), color=200))
-    rows = transform({"image": [{"bytes": good}, {"bytes": b"junk"}, {"bytes": good}], "label": [3, 4, 5],
-                      "index": [0, 1, 2]})
-    samples = [{"pixel_values": p, "label": y, "unreadable": u}
-               for p, y, u in zip(rows["pixel_values"], rows["label"], rows["unreadable"])]
-    train = Collate()(samples)
-    assert train["pixel_values"].shape == (2, 3, 8, 8) and train["labels"].tolist() == [3, 5] and train["skipped"] == 1
-    assert train["unreadable"] == ["row 1"]  # named: by its file path when it has one, else by its row
-    assert transform({"image": [{"bytes": None, "path": "/x/bad.png"}], "label": [0], "index": [7]})["unreadable"] == \
-        ["/x/bad.png"]
-    # a missing cell (None: a row without an image) is skipped and named by its row like a corrupt one
+    cells = [{"bytes": _png(Image.new("L", (8, 8), color=40 * i)), "path": None} for i in range(6)]
+    cells[1] = {"bytes": b"junk", "path": None}
+    cells[4] = cells[5] = {"bytes": None, "path": "/x/bad.png"}
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64"),
+                                  "index": datasets.Value("int64")})
+    split = datasets.Dataset.from_dict({"image": cells, "label": [10, 11, 12, 13, 14, 15],
+                                        "index": [0, 1, 2, 3, 4, 5]}, features=features)
+    split.set_transform(transform)
+    # training: each unreadable sample is the next readable one after it (wrapping around), counted and named
+    train = Collate()(FillUnreadable(split).__getitems__([1, 0, 5, 4]))
+    assert train["pixel_values"].shape == (4, 3, 8, 8) and train["labels"].tolist() == [12, 10, 10, 10]
+    assert torch.equal(train["pixel_values"][0], split[2]["pixel_values"])
+    assert train["skipped"] == 3 and train["unreadable"] == ["row 1", "/x/bad.png", "/x/bad.png"]
+    # a missing cell (None: a row without an image) is named by its row like a corrupt one
     assert transform({"image": [None], "label": [0], "index": [9]})["unreadable"] == ["row 9"]
-    evaluation = Collate(keep_shape=True)(samples)
-    assert evaluation["pixel_values"].shape == (3, 3, 8, 8) and evaluation["labels"].tolist() == [3, -1, 5]
-    assert evaluation["pixel_values"][1].abs().sum() == 0
+    # evaluation: zero images labelled -1, also in a batch with no readable image
+    evaluation = Collate()(FillUnreadable(split, evaluation=True).__getitems__([4, 5, 1]))
+    assert evaluation["pixel_values"].shape == (3, 3, 8, 8) and evaluation["labels"].tolist() == [-1, -1, -1]
+    assert evaluation["pixel_values"].abs().sum() == 0 and evaluation["skipped"] == 3
+    # nothing readable in the whole split: an empty batch, which the scripts turn into one line
+    broken = datasets.Dataset.from_dict({"image": [cells[1], cells[4]], "label": [0, 1], "index": [0, 1]},
+                                        features=features)
+    broken.set_transform(transform)
+    assert Collate()(FillUnreadable(broken).__getitems__([0, 1]))["labels"].numel() == 0
 
 
 def make_image_folder(root):

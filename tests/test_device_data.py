@@ -7,6 +7,7 @@ reused and invalidated when it should be, and train_ssl.py trains with --data_on
 """
 
 import os
+import re
 import shutil
 
 import datasets
@@ -18,9 +19,9 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 import train_ssl
-from conftest import run_script
+from conftest import folder_with_unreadable_images, run_script
 from mrl.augment import BatchAugment, batch_seed
-from mrl.data import PRESETS, Collate, ImageTransform, load_splits
+from mrl.data import PRESETS, Collate, FillUnreadable, ImageTransform, load_splits
 from mrl.device_data import CACHE_FOLDER, DeviceLoader, cache_key, cached_decode, decode_transform
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
@@ -42,7 +43,7 @@ def dataloader_batches(dataset, batch_size, processes, process, epoch, seed=0):
     """What train_ssl.py's --gpu_augment DataLoader yields on one of `processes` processes in `epoch`: Accelerate's
     seedable sampler, split_batches, drop_last; each image decoded and resized as its workers do."""
     dataset = dataset.with_transform(ImageTransform(decode_transform(SIZE), seed=seed))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+    loader = torch.utils.data.DataLoader(FillUnreadable(dataset), batch_size=batch_size, shuffle=True, drop_last=True,
                                          collate_fn=Collate())
     loader = prepare_data_loader(loader, num_processes=processes, process_index=process, split_batches=True,
                                  use_seedable_sampler=True, data_seed=seed)
@@ -69,7 +70,7 @@ def test_device_batches_are_the_dataloader_batches_of_every_process(digits, tmp_
             rest = list(device.batches(epoch, start=7))  # a resume after 7 batches: the rest of the epoch
             assert len(rest) == 5 and all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(rest, got[7:]))
             assert not torch.equal(got[0]["labels"], next(device.batches(epoch + 1))["labels"])  # a new order
-    assert skipped > 0  # some unreadable image was drawn and left out, as Collate leaves it out
+    assert skipped > 0  # some unreadable image was drawn, and its slot filled as FillUnreadable fills it
 
 
 def test_each_sample_appears_once_per_epoch_across_two_processes(digits, tmp_path):
@@ -168,15 +169,21 @@ def test_train_ssl_on_device_matches_gpu_augment_loss_for_loss_and_resumes_mid_e
 
 def test_two_processes_on_device_train_as_the_dataloader_path(tmp_path):
     """DDP on two CPU processes (gloo): each process draws its half of every global batch on the device (the first
-    decodes, the other reads its cache), and the run ends with the weights of the --gpu_augment DataLoader run."""
-    common = ["--dataset", "digits", "--image_size", SIZE, "--num_workers", 0, "--method", "simclr", "--batch_size",
-              16, "--max_train_samples", 48, "--max_eval_samples", 16, "--knn_every", 0, "--epochs", 1]
+    decodes, the other reads its cache), and the run ends with the weights of the --gpu_augment DataLoader run. One
+    image in 5 is unreadable: each fills its slot with the same image on both paths, so every process's share of a
+    batch keeps its size (SimCLR gathers the embeddings of every process: with unequal shares it failed)."""
+    folder = folder_with_unreadable_images(tmp_path / "imgs")
+    common = ["--dataset", "custom", "--dataset_path", folder, "--image_size", SIZE, "--num_workers", 0, "--method",
+              "simclr", "--batch_size", 16, "--max_train_samples", 48, "--max_eval_samples", 16, "--knn_every", 0,
+              "--epochs", 1]
     env = {"HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    run_script("train_ssl.py", *common, "--gpu_augment", "--output_dir", tmp_path / "workers", tmp_path=tmp_path,
-               processes=2, env=env)
+    workers = run_script("train_ssl.py", *common, "--gpu_augment", "--output_dir", tmp_path / "workers",
+                         tmp_path=tmp_path, processes=2, env=env)
     result = run_script("train_ssl.py", *common, "--data_on_device", "--output_dir", tmp_path / "device",
                         tmp_path=tmp_path, processes=2, env=env)
     assert "2 process(es)" in result.stdout and result.stdout.count("decoded 48 images") == 1
+    replaced = [re.search(r"(\d+) unreadable images replaced", r.stdout) for r in (workers, result)]
+    assert all(replaced) and replaced[0].group(1) == replaced[1].group(1)
     assert len(os.listdir(tmp_path / "cache" / CACHE_FOLDER)) == 1  # one copy, no temporary folder left
     a, b = load_file(tmp_path / "workers" / "model.safetensors"), load_file(tmp_path / "device" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -151,3 +151,30 @@ def test_refuses_to_overwrite_embeddings(run, tmp_path):
     (tmp_path / "emb" / "embed.json").write_text("{}")
     with pytest.raises(SystemExit, match="already holds embeddings; pass --overwrite"):
         embed_cli("--checkpoint", run, "--dataset", "digits", "--output_dir", tmp_path / "emb")
+
+
+def test_a_large_collection_is_written_a_chunk_at_a_time_with_the_same_content(run, folder, tmp_path, monkeypatch):
+    # embeddings leave the accelerator batch by batch and reach the disk chunk by chunk (a Parquet row group each,
+    # added to the index as written): 12 images in batches of 4, written once 5 rows wait, are 2 row groups (8 + 4),
+    # holding what one chunk of them all holds
+    from accelerate.state import AcceleratorState, GradientState
+
+    root, paths = folder
+    outputs = {}
+    for rows in (5, 1000):
+        monkeypatch.setattr(embed.EmbeddingWriter, "CHUNK_ROWS", rows)
+        out = tmp_path / f"chunks_{rows}"
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        embed_cli("--checkpoint", run, "--images", root, "--dims", "8,512", "--index_dim", "8", "--batch_size", 4,
+                  "--num_workers", 0, "--output_dir", out)
+        outputs[rows] = out
+    assert pq.ParquetFile(outputs[5] / "embeddings.parquet").metadata.num_row_groups == 2
+    assert pq.ParquetFile(outputs[1000] / "embeddings.parquet").metadata.num_row_groups == 1
+    chunked, whole = (pq.read_table(out / "embeddings.parquet") for out in (outputs[5], outputs[1000]))
+    assert chunked.equals(whole) and chunked.column("path").to_pylist() == paths
+    import faiss
+
+    indices = [faiss.read_index(str(out / "index_d8_flat.faiss")) for out in (outputs[5], outputs[1000])]
+    assert indices[0].ntotal == indices[1].ntotal == 12
+    np.testing.assert_array_equal(indices[0].reconstruct_n(0, 12), indices[1].reconstruct_n(0, 12))

@@ -7,7 +7,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from mrl.retrieval import (HNSWIndex, adaptive_retrieval, exact_search, funnel_search, knn_predict, nearest_neighbors,
-                           neighbor_metrics, normalized_prefix, retrieval_metrics)
+                           neighbor_metrics, normalized_prefix, rerank_chunk_size, retrieval_metrics)
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
 pytestmark = pytest.mark.xdist_group("test_retrieval")
@@ -125,6 +125,10 @@ def test_funnel_search_reranks_the_shortlist(digits):
         candidates = shortlist[i]
         best = candidates[(large_db[candidates] @ large_q[i]).argsort(descending=True)[:10]]
         assert funnel[i].tolist() == best.tolist()
+    # on an accelerator a whole chunk of queries is re-ranked in one batched product (a CPU takes 8 at a time, for
+    # its cache): the same results
+    assert rerank_chunk_size("cpu", 64) == 8 and rerank_chunk_size("cuda:0", 64) == rerank_chunk_size("mps", 64) == 64
+    assert torch.equal(funnel_search(small_q, small_db, large_q, large_db, 50, 10, chunk=64, rerank_chunk=64), funnel)
 
 
 def test_adaptive_retrieval_reports_quality_and_time(digits):

@@ -157,3 +157,31 @@ def test_ssl_model_loss_is_the_symmetrized_base_loss_on_projected_prefixes(metho
     assert total.item() == pytest.approx(sum(per_dim.tolist()), rel=1e-6)
     assert swapped_total.item() == pytest.approx(total.item(), rel=1e-4)  # symmetric in the two views
     assert (per_dim > 0).all()
+
+
+def test_similarities_are_float32_where_accelerate_turned_tf32_on(monkeypatch):
+    # Accelerate turns TF32 matrix products on for runs with a dynamo backend and no mixed precision; the losses'
+    # similarities must stay float32 there (checked where they are computed), and the setting is restored after.
+    import mrl.losses as losses
+
+    seen = []
+
+    def spy(function):
+        def wrapped(*args, **kwargs):
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(losses, "gather", spy(losses.gather))  # relic's and NT-Xent's products follow it
+    monkeypatch.setattr(losses.F, "cosine_similarity", spy(losses.F.cosine_similarity))  # BYOL's
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        relic_loss(a, b, torch.zeros(()))
+        nt_xent_loss(a, b)
+        byol_loss(a, b)
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert len(seen) == 4 and not any(seen)
