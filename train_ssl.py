@@ -15,11 +15,12 @@ README: the loss is nested on the backbone output that evaluation truncates, Bat
 exact). mrl-pytorch's flag names are accepted too (--dataset_name, --num_epochs, --gamma, ...).
 
 examples:
-  accelerate launch train_ssl.py --method relic                      # mrl-pytorch's CIFAR-10 ResNet-18 run
-  accelerate launch train_ssl.py --method relic --nest projector     # its released wheel's nesting
-  accelerate launch --config_file accelerate_configs/single_gpu_bf16.yaml train_ssl.py --gpu_augment
-  accelerate launch train_ssl.py --dataset stl10 --model resnet50    # 100k unlabeled + 5k train images
+  python train_ssl.py --method relic                      # mrl-pytorch's CIFAR-10 ResNet-18 run
+  python train_ssl.py --method relic --nest projector     # its released wheel's nesting
+  python train_ssl.py --mixed_precision bf16 --gpu_augment
+  python train_ssl.py --dataset stl10 --model resnet50    # 100k unlabeled + 5k train images
   python train_ssl.py --dataset digits --image_size 8 --batch_size 64 --epochs 2 --num_workers 0   # a quick CPU run
+  python -m mrl.supervise torchrun --nproc_per_node 8 train_ssl.py --mixed_precision bf16 --sync_bn
 """
 
 import argparse
@@ -37,13 +38,14 @@ from mrl import UserError, cli, plots
 from mrl.augment import BatchAugment, batch_seed, ssl_augmentation
 from mrl.checkpoint import (TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model,
                             write_config)
-from mrl.data import Collate, ImageTransform, attach_transforms, build_transform, get_preset, load_splits
+from mrl.data import (Collate, FillUnreadable, ImageTransform, attach_transforms, build_transform, get_preset,
+                      load_splits)
 from mrl.device_data import DeviceLoader
 from mrl.ema import EMA
 from mrl.features import embed
 from mrl.guards import LossGuard, Preemption, ignore_signals_in_worker
-from mrl.loop import (StepMeter, accumulation_scale, after_optimizer_step, build_accelerator, count_batch,
-                      end_epoch, epoch_batches, log_train_losses)
+from mrl.loop import (StepMeter, accumulation_scale, after_optimizer_step, build_accelerator, check_readable,
+                      count_batch, end_epoch, epoch_batches, log_train_losses, unwrap)
 from mrl.losses import MatryoshkaLoss, byol_loss, dim_weights, nt_xent_loss, relic_loss
 from mrl.models import build_backbone, check_dims, default_dims
 from mrl.pretrained import publish_run
@@ -130,8 +132,8 @@ def get_args_parser():
                             "(bf16/fp16) and on CPUs with oneDNN (ResNet-18 step 1.3x on 2 cores); contiguous is "
                             "PyTorch's default, as mrl-pytorch")
     group.add_argument("--fp16_precision", action="store_true",
-                       help="mrl-pytorch's flag: fp16 mixed precision. Prefer `accelerate launch --mixed_precision "
-                            "fp16` (or bf16) or an accelerate config; this flag overrides them")
+                       help="mrl-pytorch's flag: fp16 mixed precision, the same as --mixed_precision fp16 (bf16 is "
+                            "preferred where the GPU has it); overrides --mixed_precision and `accelerate launch`")
 
     group = parser.add_argument_group("online monitoring (a cheap per-dim kNN accuracy on labeled data)")
     group.add_argument("--knn_every", type=int, default=5,
@@ -235,6 +237,19 @@ class Exported(nn.Module):
         self.backbone, self.projector = backbone, projector
 
 
+def build_model(args, backbone, projector, dims, weights, ema_schedule, sync_bn=False):
+    """The SSLModel the flags describe, in --memory_format. With `sync_bn` every BatchNorm in it -- the backbone's,
+    the projector's, BYOL's predictor's and those of the EMA target's copy -- normalizes over the global batch
+    (SyncBatchNorm, which runs on GPUs only)."""
+    model = SSLModel(args.method, backbone, projector, dims, weights, ema_schedule, args.ema_copy_until,
+                     args.ema_every, args.alpha, args.max_temperature, args.temperature, args.proj_hidden_dim)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def main(args):
     preset = get_preset(args.dataset)
     args.model = args.model or preset.model
@@ -243,14 +258,13 @@ def main(args):
     check_args(args)
 
     if args.fp16_precision and not torch.cuda.is_available():
-        raise UserError("--fp16_precision needs a CUDA GPU; on the CPU train in fp32 (or bf16 via `accelerate launch "
-                        "--mixed_precision bf16`)")
+        raise UserError("--fp16_precision needs a CUDA GPU; on the CPU train in fp32 (or --mixed_precision bf16)")
     # --batch_size is the global batch, split over the processes
     accelerator = build_accelerator(args, mixed_precision="fp16" if args.fp16_precision else None)
     if args.batch_size // accelerator.num_processes < 2:
         raise UserError(f"--batch_size {args.batch_size} gives {args.batch_size // accelerator.num_processes} image(s) "
                         f"per process; the {args.method} loss compares images within a batch and needs at least 2")
-    preemption = Preemption()
+    preemption = Preemption(accelerator)
     resuming = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) is not None
     cli.check_output_dir(args, resuming=resuming, is_main=accelerator.is_main_process)
 
@@ -280,8 +294,8 @@ def main(args):
     bank = splits.train.shuffle(seed=args.seed).select(range(min(args.knn_bank_samples, len(splits.train))))
     bank = bank.with_transform(ImageTransform(build_transform("ssl", args.image_size, mean, std, train=False)))
     loader = lambda ds, batch_size, train: torch.utils.data.DataLoader(  # noqa: E731
-        ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=args.num_workers,
-        collate_fn=Collate(keep_shape=not train), pin_memory=torch.cuda.is_available(),
+        FillUnreadable(ds, evaluation=not train), batch_size=batch_size, shuffle=train, drop_last=train,
+        num_workers=args.num_workers, collate_fn=Collate(), pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_signals_in_worker)
     if not args.data_on_device:
         train_loader = loader(pretrain, args.batch_size, True)  # full batches only: the loss compares within a batch
@@ -291,7 +305,7 @@ def main(args):
 
     # ---- model: backbone + projector (+ predictor) online, EMA target, Matryoshka loss over the prefixes
     cifar_stem = {"auto": None, "on": True, "off": False}[args.cifar_stem]
-    backbone = build_backbone(args.model, args.image_size, cifar_stem)
+    backbone = build_backbone(args.model, args.image_size, cifar_stem, args.norm)
     batchnorm = args.method != "relic" if args.proj_batchnorm == "auto" else args.proj_batchnorm == "on"
     projector = Projector(backbone.embed_dim, args.proj_hidden_dim, args.proj_out_dim, args.nest, batchnorm)
     dims = cli.flat_dims(args.dims) or default_dims(projector.nested_width)
@@ -304,14 +318,9 @@ def main(args):
     knn_dims = dims if args.nest == "backbone" else default_dims(backbone.embed_dim)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     ema_schedule = cosine_schedule(args.ema_momentum, 1.0, args.epochs, steps_per_epoch)
-    if args.sync_bn and accelerator.num_processes > 1:
-        backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
-        projector = nn.SyncBatchNorm.convert_sync_batchnorm(projector)
     weights = dim_weights(dims, args.dim_weights, given=cli.flat_dims(args.dims))
-    model = SSLModel(args.method, backbone, projector, dims, weights, ema_schedule, args.ema_copy_until,
-                     args.ema_every, args.alpha, args.max_temperature, args.temperature, args.proj_hidden_dim)
-    if args.memory_format == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(args, backbone, projector, dims, weights, ema_schedule,
+                        sync_bn=args.sync_bn and accelerator.num_processes > 1)
     optimizer = build_optimizer(args, model)
 
     model, optimizer, train_loader, bank_loader, query_loader = accelerator.prepare(
@@ -325,7 +334,7 @@ def main(args):
     resumed = load_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
     if resumed:
         accelerator.print(f"resumed from {resumed}: epoch {state.epoch}, step {state.step}, batch {state.batch_in_epoch}")
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(accelerator, model)
     export_target = unwrapped.target is not None and args.export_encoder != "online"
     exported = Exported(unwrapped.target.module.backbone if export_target else unwrapped.online.backbone,
                         unwrapped.online.projector)
@@ -430,7 +439,7 @@ def build_optimizer(args, model):
 def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, gpu_augment, dims,
                     lr_schedule, state, epoch, preemption):
     model.train()  # every epoch: the kNN monitor leaves the backbone in eval mode (mrl-pytorch never switched back)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(accelerator, model)
     generator = torch.Generator(device=accelerator.device) if gpu_augment else None
     channels_last = args.memory_format == "channels_last"
     start = time.perf_counter()
@@ -443,10 +452,8 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
     meter = StepMeter(state.step)  # throughput and data-wait time between logs
     for batch in meter.batches(batches):
         skipped, loaded = skipped + batch["skipped"], loaded + len(batch["labels"])  # no device sync per batch
-        unreadable += batch.get("unreadable", [])
-        if batch["labels"].numel() == 0:  # every image of this batch was unreadable
-            state.batch_in_epoch += 1
-            continue
+        unreadable += batch["unreadable"]
+        check_readable(batch)
         views = batch["pixel_values"]
         if gpu_augment is not None:  # two views of the batch, drawn from a generator seeded by (seed, epoch, batch)
             generator.manual_seed(batch_seed(args.seed, epoch, state.batch_in_epoch, accelerator.process_index))
@@ -493,7 +500,7 @@ def training_step(accelerator, model, optimizer, views, lr, max_grad_norm, step,
         optimizer.step()
         optimizer.zero_grad()
         if accelerator.sync_gradients:
-            gamma = accelerator.unwrap_model(model).update_target(step)
+            gamma = unwrap(accelerator, model).update_target(step)
     return loss.detach(), per_dim, gamma, grad_norm
 
 
@@ -505,8 +512,10 @@ def knn_monitor(args, accelerator, backbone, bank_loader, query_loader, dims, nu
     backbone.eval()
     try:
         channels_last = args.memory_format == "channels_last"
-        bank, bank_labels = embed(accelerator, backbone, bank_loader, channels_last)
-        queries, query_labels = embed(accelerator, backbone, query_loader, channels_last)
+        # gathered on the host, searched on the accelerator
+        bank, bank_labels = (t.to(accelerator.device) for t in embed(accelerator, backbone, bank_loader, channels_last))
+        queries, query_labels = (t.to(accelerator.device)
+                                 for t in embed(accelerator, backbone, query_loader, channels_last))
     finally:
         backbone.train(was_training)
     accuracies = []
@@ -522,7 +531,7 @@ def model_config(args, backbone, dims, splits, preset, mean, std, export_target)
     return {
         "kind": "ssl",
         "model": {"backbone": args.model, "embed_dim": backbone.embed_dim,
-                  "cifar_stem": getattr(backbone, "cifar_stem", None)},
+                  "cifar_stem": getattr(backbone, "cifar_stem", None), "norm": args.norm},
         "heads": None,
         "ssl": {"method": args.method, "nest": args.nest, "dims": dims, "exported": "target" if export_target else "online",
                 "projector": {"hidden_dim": args.proj_hidden_dim, "out_dim": args.proj_out_dim}},

@@ -6,11 +6,11 @@ the sum of their cross-entropies, so that every prefix of z is a useful represen
 trains the usual single classifier on the full z instead; --tied shares one weight matrix among the heads (MRL-E).
 
 examples:
-  accelerate launch train_supervised.py         # the blog: cats_vs_dogs, 4-conv CNN, heads 8..1024, 15 epochs
-  accelerate launch train_supervised.py --baseline
-  accelerate launch --config_file accelerate_configs/cpu.yaml train_supervised.py --dataset digits \\
-      --epochs 8 --batch_size 32 --grad_accum_steps 1 --lr 2e-3
-  accelerate launch train_supervised.py --dataset cifar10 --model resnet18 --tied
+  python train_supervised.py                    # the blog: cats_vs_dogs, 4-conv CNN, heads 8..1024, 15 epochs
+  python train_supervised.py --baseline
+  python train_supervised.py --dataset digits --epochs 8 --batch_size 32 --grad_accum_steps 1 --lr 2e-3
+  python train_supervised.py --dataset cifar10 --model resnet18 --tied --mixed_precision bf16
+  python -m mrl.supervise torchrun --nproc_per_node 8 train_supervised.py --dataset cifar10 --model resnet18
 """
 
 import argparse
@@ -24,10 +24,10 @@ import torch
 from mrl import UserError, cli, plots
 from mrl.checkpoint import (TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model,
                             write_config)
-from mrl.data import Collate, attach_transforms, get_preset, load_splits
+from mrl.data import Collate, FillUnreadable, attach_transforms, get_preset, load_splits
 from mrl.guards import LossGuard, Preemption, ignore_signals_in_worker
-from mrl.loop import (StepMeter, accumulation_scale, after_optimizer_step, build_accelerator, count_batch,
-                      end_epoch, epoch_batches, log_train_losses)
+from mrl.loop import (StepMeter, accumulation_scale, after_optimizer_step, build_accelerator, check_readable,
+                      count_batch, end_epoch, epoch_batches, log_train_losses)
 from mrl.losses import dim_weights, per_head_cross_entropy
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
 from mrl.pretrained import publish_run
@@ -75,7 +75,7 @@ def main(args):
     cli.resolve_run_args(args, "supervised_" + ("baseline" if args.baseline else "mrl-e" if args.tied else "mrl"))
 
     accelerator = build_accelerator(args)  # --batch_size is the global batch, split over the processes
-    preemption = Preemption()
+    preemption = Preemption(accelerator)
     resuming = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) is not None
     cli.check_output_dir(args, resuming=resuming, is_main=accelerator.is_main_process)
 
@@ -86,16 +86,23 @@ def main(args):
                              max_eval_samples=args.max_eval_samples, min_image_size=args.min_image_size)
     train_transform = attach_transforms(splits, preset.augment, args.image_size, preset.mean, preset.std, args.seed)
     eval_batch_size = args.batch_size * args.grad_accum_steps  # no activations kept for backward: bigger batches fit
-    loader = lambda ds, batch_size, shuffle, keep_shape: torch.utils.data.DataLoader(  # noqa: E731
-        ds, batch_size=batch_size, shuffle=shuffle, num_workers=args.num_workers, collate_fn=Collate(keep_shape),
-        pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_signals_in_worker)
-    train_loader = loader(splits.train, args.batch_size, True, False)
-    val_loader = loader(splits.val, eval_batch_size, False, True)
-    test_loader = loader(splits.test, eval_batch_size, False, True) if splits.test is not None else None
+    # Training batches are whole: on N processes Accelerate would pad an epoch's last, incomplete batch with images
+    # repeated from its start, so that step would not be the one a single process takes (an epoch leaves out fewer
+    # than --batch_size images, others each epoch).
+    loader = lambda ds, batch_size, train: torch.utils.data.DataLoader(  # noqa: E731
+        FillUnreadable(ds, evaluation=not train), batch_size=batch_size, shuffle=train, drop_last=train,
+        num_workers=args.num_workers, collate_fn=Collate(), pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_signals_in_worker)
+    train_loader = loader(splits.train, args.batch_size, True)
+    if len(train_loader) == 0:
+        raise UserError(f"{len(splits.train)} training images are fewer than one batch of --batch_size "
+                        f"{args.batch_size}")
+    val_loader = loader(splits.val, eval_batch_size, False)
+    test_loader = loader(splits.test, eval_batch_size, False) if splits.test is not None else None
 
     # ---- model: backbone + one linear head per prefix dim (a single full-width head for the baseline)
     cifar_stem = {"auto": None, "on": True, "off": False}[args.cifar_stem]
-    backbone = build_backbone(args.model, args.image_size, cifar_stem)
+    backbone = build_backbone(args.model, args.image_size, cifar_stem, args.norm)
     if args.baseline:
         dims = [backbone.embed_dim]
     else:
@@ -180,10 +187,8 @@ def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_tra
     meter = StepMeter(state.step)  # throughput and data-wait time between logs
     for batch in meter.batches(batches):
         skipped, loaded = skipped + batch["skipped"], loaded + len(batch["labels"])  # no device sync per batch
-        unreadable += batch.get("unreadable", [])
-        if batch["labels"].numel() == 0:  # every image of this batch was unreadable
-            state.batch_in_epoch += 1
-            continue
+        unreadable += batch["unreadable"]
+        check_readable(batch)
         loss, per_dim, grad_norm = training_step(
             accelerator, model, optimizer, batch, loss_weights, float(lr_schedule[state.step]), args.max_grad_norm,
             accumulation_scale(state.batch_in_epoch, len(train_loader), args.grad_accum_steps),
@@ -269,7 +274,7 @@ def model_config(args, backbone, dims, splits, preset):
     return {
         "kind": "supervised",
         "model": {"backbone": args.model, "embed_dim": backbone.embed_dim,
-                  "cifar_stem": getattr(backbone, "cifar_stem", None)},
+                  "cifar_stem": getattr(backbone, "cifar_stem", None), "norm": args.norm},
         "heads": {"dims": dims, "num_classes": len(splits.class_names), "tied": args.tied, "baseline": args.baseline,
                   "class_names": splits.class_names},
         "data": {"dataset": args.dataset, "dataset_path": args.dataset_path, "image_size": args.image_size,

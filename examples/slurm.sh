@@ -1,17 +1,19 @@
 #!/bin/bash
 # Multi-node training under Slurm with `accelerate launch`: one Slurm task per node, each starting one training
 # process per GPU. Preemption-safe: Slurm signals this batch shell two minutes before the time limit
-# (--signal=B:USR1@120); the shell sends SIGTERM to the job step, srun passes it to every node's `accelerate launch`,
-# which passes it to its training processes; they save a checkpoint at the next optimizer step and exit. Whenever a
-# run stopped for a preemption -- this time limit, or a signal from anywhere else, such as Slurm preempting the job
-# for another -- it leaves the file PREEMPTED in its --output_dir (the launcher turns the training processes' exit
-# status 75 into its own 1, so the status alone cannot tell); the job then requeues itself and the next start
-# resumes from that checkpoint (--resume_from_checkpoint latest).
+# (--signal=B:USR1@120); the shell sends SIGTERM to the job step, and srun to every node's task. Each task is
+# `python -m mrl.supervise accelerate launch ...` (README, "Preemption"): it passes the signal to its training
+# processes, which save a checkpoint at the next optimizer step, and it exits only after they have -- the step ends,
+# and its processes are killed, when the tasks exit, so the launcher alone (which dies of the signal at once) would
+# lose the checkpoint. Whenever a run stopped for a preemption -- this time limit, or a signal from anywhere else,
+# such as Slurm preempting the job for another -- the tasks exit with status 75 and the run leaves the file
+# PREEMPTED in its --output_dir; the job then requeues itself and the next start resumes from that checkpoint
+# (--resume_from_checkpoint latest).
 #
 #   sbatch examples/slurm.sh train_ssl.py --method relic --model resnet50 --output_dir runs/relic_r50
 #
-# Written for this repo's scripts; not tested on a cluster here (the test suite covers the signal handling,
-# the checkpoint and the exact resume on one machine).
+# Written for this repo's scripts; not tested on a cluster here. tests/test_guards.py runs this script on one
+# machine with stand-ins for srun and scontrol: USR1 to it, then the checkpoint, the marker and the requeue.
 #
 #SBATCH --job-name=mrl
 #SBATCH --nodes=2
@@ -43,7 +45,7 @@ MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 preempted=0
 trap 'preempted=1; kill -TERM "$step" 2>/dev/null' USR1
 
-srun --kill-on-bad-exit=0 bash -c "exec accelerate launch \
+srun --kill-on-bad-exit=0 bash -c "exec python -m mrl.supervise accelerate launch \
     --config_file accelerate_configs/multi_node.yaml \
     --num_machines $SLURM_NNODES --num_processes $((SLURM_NNODES * GPUS_PER_NODE)) \
     --machine_rank \$SLURM_NODEID --main_process_ip $MAIN_ADDR --main_process_port 29500 \

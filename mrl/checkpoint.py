@@ -132,8 +132,9 @@ def write_config(output_dir, config):
 
 
 def save_model(accelerator, model, output_dir, config):
-    """The trained model as safetensors plus the JSON config that load_model rebuilds it from."""
-    accelerator.save_model(model, output_dir)
+    """The trained model as safetensors plus the JSON config that load_model rebuilds it from. The keys are the
+    module's own: without DDP's `module.` and torch.compile's `_orig_mod.` (see mrl.loop.unwrap)."""
+    accelerator.save_model(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir)
     if accelerator.is_main_process:
         # safetensors writes through a private temporary file (mode 0600); give it the mode of every other output
         umask = os.umask(0)
@@ -191,8 +192,7 @@ def load_model(path, device="cpu"):
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise UserError(f"{weights} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the file is "
                         "damaged or incomplete; copy it again, or evaluate one of the run's checkpoints") from None
-    # a compiled or DDP-wrapped model's keys carry these prefixes in checkpoints
-    state = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
+    state = without_wrapper_prefixes(state)
     backbone_prefix, heads_prefix = weight_prefixes(config, is_checkpoint(path))
     backbone, heads = build_model(config)
     backbone.load_state_dict(_with_prefix(state, backbone_prefix))
@@ -204,10 +204,17 @@ def load_model(path, device="cpu"):
     return backbone, heads, config
 
 
+def without_wrapper_prefixes(state):
+    """`state` with the key prefixes that wrappers add removed: torch.compile's `_orig_mod.` and DDP's `module.`
+    (model.safetensors of runs trained with a dynamo backend by earlier versions holds `_orig_mod.` keys)."""
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
+
+
 def build_model(config):
     """(backbone, heads or None) with the architecture a config.json describes, freshly initialized."""
     model_cfg = config["model"]
-    backbone = build_backbone(model_cfg["backbone"], config["data"]["image_size"], model_cfg.get("cifar_stem"))
+    backbone = build_backbone(model_cfg["backbone"], config["data"]["image_size"], model_cfg.get("cifar_stem"),
+                              model_cfg.get("norm", "batch"))  # runs of earlier versions: BatchNorm
     heads = None
     if config.get("heads"):
         heads = MatryoshkaHeads(config["heads"]["dims"], config["heads"]["num_classes"], config["heads"]["tied"])

@@ -1,7 +1,8 @@
 """The command-line vocabulary shared by train_supervised.py, train_ssl.py and evaluate.py.
 
-Accelerate's own settings (mixed precision, number of processes and machines) are not flags here: they come from
-`accelerate launch` and the files in accelerate_configs/.
+The number of processes and machines are not flags here: they come from the launcher (`torchrun`, `accelerate
+launch` and the files in accelerate_configs/). Mixed precision is both: --mixed_precision, as in Accelerate's own
+example scripts, for runs started with `python` or torchrun, and otherwise what `accelerate launch` says.
 """
 
 import argparse
@@ -14,7 +15,7 @@ from urllib.parse import urlparse
 from mrl import UserError
 from mrl.data import PRESETS
 from mrl.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, Preempted
-from mrl.models import BACKBONES
+from mrl.models import BACKBONES, NORMS
 from mrl.tracking import FLUSHED_FILE
 
 
@@ -70,6 +71,10 @@ def add_model_args(parser):
                             "nonlinearity; cnn4_bn adds BatchNorm + ReLU)")
     group.add_argument("--cifar_stem", default="auto", choices=("auto", "on", "off"),
                        help="ResNets: 3x3 stride-1 first conv without max-pool; auto = on for images under 64 px")
+    group.add_argument("--norm", default="batch", choices=tuple(NORMS),
+                       help="ResNets' normalization: batch = BatchNorm (torchvision, the references); group = "
+                            "GroupNorm (32 groups), per image: a run on N processes then computes exactly what it "
+                            "computes on one, without --sync_bn")
     group.add_argument("--dims", type=parse_dims, nargs="+", default=None,
                        help="nested prefix sizes, e.g. 8,16,32 (default: powers of two from 8 up to the embedding dim)")
     return group
@@ -89,6 +94,9 @@ def add_run_args(parser, default_epochs):
     group.add_argument("--checkpointing_steps", default="epoch",
                        help="save a resumable checkpoint every N optimizer steps, or 'epoch'")
     group.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep only the newest N checkpoints")
+    group.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
+                       help="autocast precision (default: what `accelerate launch` or ACCELERATE_MIXED_PRECISION "
+                            "sets, else no): bf16 on recent GPUs (A100, H100, RTX 30xx+), fp16 on older ones")
     add_wandb_args(group, "the output folder's name and the start time, e.g. "
                           "supervised_mrl_cifar10_resnet18-1127-090512; a resumed run keeps its name")
     group.add_argument("--log_every", type=int, default=10,

@@ -7,12 +7,15 @@ import signal
 import time
 
 import torch
+import torch.distributed as dist
 
 from mrl import UserError
+from mrl.distributed import process_group_timeout
+# PREEMPTED_EXIT_CODE: the exit status after a preemption's checkpoint; PREEMPTED_NOTICE_ENV: set by `python -m
+# mrl.supervise`, a file to write the marker to as well, so that it can exit with that status whatever status the
+# launcher in between reports
+from mrl.supervise import PREEMPTED_EXIT_CODE, PREEMPTED_NOTICE_ENV  # noqa: F401 (PREEMPTED_EXIT_CODE: re-exported)
 
-# Exit status of a run stopped by a preemption signal after saving its checkpoint: EX_TEMPFAIL, "try again
-# later". A job script can requeue on it (see examples/slurm.sh).
-PREEMPTED_EXIT_CODE = 75
 # Written into the run folder next to the checkpoint, for when a launcher turns exit status 75 into its own
 # (`accelerate launch` and torchrun exit with 1 when a process fails); removed when the run starts again.
 PREEMPTED_MARKER = "PREEMPTED"
@@ -31,8 +34,8 @@ class Preemption:
     """SIGTERM, SIGUSR1 (what Slurm, Kubernetes, `timeout` and `docker stop` send some time before killing a job)
     and SIGINT (Ctrl-C) ask the run to save a checkpoint at the next optimizer step and exit. The handler only sets
     a flag, so a step is never cut in half; `requested` agrees across processes, so all of them stop at the same step
-    even when only one received the signal. A second Ctrl-C, a second or more after the first, aborts at once
-    without saving.
+    even when only one received the signal (on several processes, one optimizer step after the signal: see
+    `requested`). A second Ctrl-C, a second or more after the first, aborts at once without saving.
 
     Schedulers signal the whole process group, DataLoader workers included: the workers ignore these signals
     (`ignore_signals_in_worker`, their worker_init_fn) and are shut down by the training process as usual. Under
@@ -40,11 +43,16 @@ class Preemption:
     it SIGTERM when its launcher dies (`follow_launcher`).
     """
 
-    def __init__(self):
+    def __init__(self, accelerator=None):
         self.received, self.received_at = None, 0.0
         for signum in SIGNALS:
             signal.signal(signum, self._handle)
         follow_launcher()
+        self.group, self.pending = None, None
+        if accelerator is not None and accelerator.num_processes > 1:
+            # the flags travel between the hosts' memories (gloo), never through the accelerator: reading a device
+            # tensor would wait for every step queued on it. A collective: every process constructs a Preemption.
+            self.group = host_group()
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -59,10 +67,28 @@ class Preemption:
                         f"{' (Ctrl-C again to abort without saving)' if signum == signal.SIGINT else ''}\n".encode())
 
     def requested(self, accelerator):
+        """Whether to stop after this optimizer step. Called once per optimizer step by every process: on several
+        processes each call sends this process's flag to the others without waiting (an asynchronous all-reduce on
+        the host) and reads the combined flags sent one call earlier, which have arrived by then. So every process
+        stops at the same step, one step after the first signal, and the step loop never blocks on the others."""
         if accelerator.num_processes == 1:
             return self.received is not None
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item())
+        stop = False
+        if self.pending is not None:
+            work, flags = self.pending
+            work.wait()
+            stop = bool(flags[0] > 0)
+        flags = torch.tensor([float(self.received is not None)])
+        self.pending = (dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.group, async_op=True), flags)
+        return stop
+
+
+def host_group():
+    """A process group over which CPU tensors travel: the default one when it is gloo (CPU runs), else a gloo group
+    beside NCCL's (with the same timeout)."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo", timeout=process_group_timeout())
 
 
 def ignore_signals_in_worker(worker_id=None):
@@ -95,11 +121,14 @@ def follow_launcher():
 
 
 def write_preempted_marker(output_dir, step, checkpoint, signal_name):
-    """The run folder's record that the run stopped for a preemption after saving `checkpoint`."""
-    with open(os.path.join(output_dir, PREEMPTED_MARKER), "w") as f:
-        json.dump({"step": step, "checkpoint": checkpoint, "signal": signal_name,
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
-        f.write("\n")
+    """The run folder's record that the run stopped for a preemption after saving `checkpoint` (and the same record
+    for `python -m mrl.supervise`, when the run was started under it)."""
+    record = json.dumps({"step": step, "checkpoint": checkpoint, "signal": signal_name,
+                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+    for path in (os.path.join(output_dir, PREEMPTED_MARKER), os.environ.get(PREEMPTED_NOTICE_ENV)):
+        if path:
+            with open(path, "w") as f:
+                f.write(record)
 
 
 class LossGuard:

@@ -5,12 +5,12 @@ optimizer step (checkpoint, preemption)."""
 import time
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from mrl import UserError
 from mrl.checkpoint import save_checkpoint
+from mrl.distributed import make_accelerator
 from mrl.guards import Preempted, write_preempted_marker
 from mrl.tracking import mark_preempting
 
@@ -19,20 +19,37 @@ UNREADABLE_SHOWN = 3  # how many unreadable images an epoch's summary names
 
 
 def build_accelerator(args, mixed_precision=None):
-    """The Accelerator both training scripts run under (mixed precision and processes from `accelerate launch`),
-    after checking that --batch_size splits evenly over the processes; seeds every RNG with --seed.
+    """The Accelerator both training scripts run under, after checking that --batch_size splits evenly over the
+    processes; seeds every RNG with --seed. Mixed precision: `mixed_precision` if given, else --mixed_precision, else
+    what `accelerate launch` (its flags or config file) or ACCELERATE_MIXED_PRECISION says (default: none).
 
     split_batches: --batch_size is the global batch, so a run means the same thing on 1 or 8 processes. The seedable
-    sampler makes each epoch's order a function of (seed, epoch), which exact resume relies on.
+    sampler makes each epoch's order a function of (seed, epoch), which exact resume relies on. non_blocking: batches
+    are copied from pinned memory without making the host wait for the copy (and for the steps queued before it).
     """
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.grad_accum_steps, mixed_precision=mixed_precision,
-        log_with="wandb" if args.report_to == "wandb" else None,
-        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed))
+    try:
+        accelerator = make_accelerator(
+            gradient_accumulation_steps=args.grad_accum_steps,
+            mixed_precision=mixed_precision or getattr(args, "mixed_precision", None),
+            log_with="wandb" if args.report_to == "wandb" else None,
+            dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True,
+                                                      data_seed=args.seed, non_blocking=True))
+    except ValueError as e:  # what Accelerate refuses, e.g. fp16 on a CPU: one line, not its traceback
+        raise UserError(f"Accelerate: {e}") from None
     if args.batch_size % accelerator.num_processes:
         raise UserError(f"--batch_size {args.batch_size} cannot be split evenly over {accelerator.num_processes} processes")
     set_seed(args.seed)
     return accelerator
+
+
+def unwrap(accelerator, model):
+    """The module a script built, without the wrappers `accelerator.prepare` added (DDP, torch.compile's).
+
+    Not `accelerator.unwrap_model(model)`: by default it returns the compiled wrapper (whose state dict keys carry
+    `_orig_mod.`), and to do so re-points that wrapper at the bare module in place -- after which the prepared model
+    no longer reaches DDP's `no_sync` (gradients are all-reduced on every micro-batch of an accumulation group).
+    """
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def epoch_batches(accelerator, train_loader, train_transform, state, epoch, epochs):
@@ -59,6 +76,14 @@ def accumulation_scale(batch_in_epoch, batches_in_epoch, accumulation_steps):
     """
     group_start = batch_in_epoch - batch_in_epoch % accumulation_steps
     return accumulation_steps / min(accumulation_steps, batches_in_epoch - group_start)
+
+
+def check_readable(batch):
+    """Stop with one line when a training batch came out empty: no image of the whole split can be read (see
+    data.FillUnreadable, which fills in every unreadable one otherwise)."""
+    if batch["labels"].numel() == 0:
+        names = ", ".join(batch["unreadable"][:UNREADABLE_SHOWN])
+        raise UserError(f"none of the training images could be read ({names}, ...): corrupt or empty files?")
 
 
 def count_batch(accelerator, state, guard, progress, loss):
@@ -93,21 +118,18 @@ def after_optimizer_step(args, accelerator, state, guard, preemption):
 
 
 def end_epoch(accelerator, skipped, loaded, epoch, step, seconds, unreadable=()):
-    """Log the epoch's throughput and how many unreadable images all processes skipped (this process: `skipped`, a
-    count that may live on the device to avoid a sync per batch, besides the `loaded` readable ones, and the names
-    of the `unreadable` ones), and stop with a clear message when no image at all could be read. `seconds`: this
-    process's wall-clock for the epoch, data loading included (after a mid-epoch resume, for the part it trained)."""
+    """Log the epoch's throughput and how many unreadable images all processes replaced with readable ones (this
+    process: `skipped`, a count that may live on the device to avoid a sync per batch, among the `loaded` ones, and
+    the names of the `unreadable` ones). `seconds`: this process's wall-clock for the epoch, data loading included
+    (after a mid-epoch resume, for the part it trained)."""
     counts = torch.stack([torch.as_tensor(skipped).cpu(), torch.as_tensor(loaded)]).to(accelerator.device)
     skipped, loaded = (int(c) for c in accelerator.reduce(counts, "sum").tolist())
     names = ""
     if skipped:
         shown = gather_object(list(unreadable)[:UNREADABLE_SHOWN])[:UNREADABLE_SHOWN]
         names = f" ({', '.join(shown)}{', ...' if skipped > len(shown) else ''})"
-    if skipped and not loaded:
-        raise UserError(f"none of the {skipped} training images loaded this epoch could be read{names}: corrupt or "
-                        "empty files?")
     accelerator.print(f"epoch {epoch + 1}: {loaded} images in {seconds:.1f} s ({loaded / seconds:,.1f} img/s)"
-                      + (f", skipped {skipped} unreadable images{names}" if skipped else ""))
+                      + (f", {skipped} unreadable images replaced by the next readable ones{names}" if skipped else ""))
     accelerator.log({"train/epoch_seconds": seconds, "train/images_per_second": loaded / seconds,
                      **({"data/skipped_images": skipped} if skipped else {})}, step=step)
 

@@ -6,6 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The suite runs on the CPU, on a GPU machine too (its processes and every script it launches inherit this): CUDA's
+# kernels are not deterministic, and the tests compare runs bit for bit (resumes, 2 processes against 1).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["ACCELERATE_USE_CPU"] = "1"  # and not Apple's MPS either
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist's workers (pytest.ini) share the cores: one thread each, for the torch code they run in-process
     # (set before torch is imported) and the scripts they launch; more would oversubscribe the cores many times over
@@ -28,7 +33,7 @@ def run_script(script, *args, tmp_path, wandb=False, check=True, timeout=600, en
     """Run a top-level script as a user would; W&B offline into tmp_path/wandb when asked, otherwise off.
 
     `processes` > 1 runs it distributed on the CPU (gloo) with torchrun, which `accelerate launch` uses on GPUs
-    too; Accelerate needs ACCELERATE_USE_CPU to pick the multi-CPU backend.
+    too; Accelerate needs ACCELERATE_USE_CPU (set for the whole suite above) to pick the multi-CPU backend.
     """
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", **(env or {}))
     env.pop("WANDB_MODE", None)
@@ -39,7 +44,7 @@ def run_script(script, *args, tmp_path, wandb=False, check=True, timeout=600, en
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-        env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+        env.update(OMP_NUM_THREADS="1")
     result = subprocess.run([*launcher, str(ROOT / script), *args], cwd=tmp_path, env=env, text=True,
                             capture_output=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -72,19 +77,40 @@ def shared_run(tmp_path_factory, name, script, *args, **kwargs):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One supervised run shared by the tests that inspect or continue it: digits, two epochs with gradient
-    accumulation 2 (23 optimizer steps per epoch), a checkpoint every 7 steps, logged to offline W&B. Tests write
+    accumulation 2 (22 optimizer steps per epoch), a checkpoint every 7 steps, logged to offline W&B. Tests write
     only into new subfolders of its folder."""
     return shared_run(tmp_path_factory, "trained", "train_supervised.py", *DIGITS_FAST, "--epochs", 2,
                       "--grad_accum_steps", 2, "--checkpointing_steps", 7, "--checkpoints_total_limit", 10,
                       "--log_every", 1, wandb=True)
 
 
-# The same run on two processes (gloo): 179 validation and test images, not a multiple of 2 processes nor of the
-# batch, so the last batch is padded across processes and gather_for_metrics must drop the padding.
-TWO_PROCESSES = [*DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2, "--max_eval_samples", 179, "--log_every", 1]
+def folder_with_unreadable_images(root, count=96, every=5):
+    """An image folder of real digits in 2 classes, one file in `every` corrupt."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for name, digit in (("zero", 0), ("one", 1)):
+        (root / name).mkdir(parents=True)
+        for i, pixels in enumerate(digits.images[digits.target == digit][:count // 2]):
+            path = root / name / f"{i}.png"
+            if i % every == 2:
+                path.write_bytes(b"\x89PNG truncated")
+            else:
+                Image.fromarray(np.uint8(pixels * 15), mode="L").resize((16, 16)).save(path)
+    return root
 
 
-@pytest.fixture(scope="session")
-def trained_two_processes(tmp_path_factory):
-    return shared_run(tmp_path_factory, "trained_two_processes", "train_supervised.py", *TWO_PROCESSES, wandb=True,
-                      processes=2)
+def session_processes(sid):
+    """The processes still alive in session `sid` (whatever process group they moved to)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # not a process, or it just ended
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            alive.append(int(entry))
+    return alive
