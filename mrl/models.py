@@ -9,6 +9,10 @@ import torchvision
 from mrl import UserError
 
 BACKBONES = ("cnn4", "cnn4_bn", "resnet18", "resnet34", "resnet50")
+# The ResNets' normalization layers: BatchNorm (torchvision's and the references'), or GroupNorm, whose statistics are
+# per image, so that a run on N processes computes exactly what it computes on one (BatchNorm normalizes each
+# process's share of the batch unless --sync_bn).
+NORMS = {"batch": nn.BatchNorm2d, "group": lambda channels: nn.GroupNorm(32, channels)}
 
 
 class CNN4(nn.Module):
@@ -52,12 +56,13 @@ class ResNet(nn.Module):
     """A torchvision ResNet without its classifier; the embedding is the pooled last stage (512 or 2048 dims).
 
     `cifar_stem` swaps the 7x7 stride-2 conv and the max-pool for one 3x3 stride-1 conv, the usual change for
-    32x32 images, which the ImageNet stem would shrink to 8x8 before the first residual stage.
+    32x32 images, which the ImageNet stem would shrink to 8x8 before the first residual stage. `norm="group"`
+    replaces every BatchNorm with a GroupNorm of 32 groups (Wu & He, 2018; torchvision initializes both alike).
     """
 
-    def __init__(self, name="resnet18", cifar_stem=False):
+    def __init__(self, name="resnet18", cifar_stem=False, norm="batch"):
         super().__init__()
-        net = getattr(torchvision.models, name)(weights=None)
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=NORMS[norm])
         if cifar_stem:
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             # initialized like torchvision initializes every other conv of the ResNet (and as mrl-pytorch's
@@ -72,18 +77,22 @@ class ResNet(nn.Module):
         return self.net(x)
 
 
-def build_backbone(name, image_size, cifar_stem=None):
+def build_backbone(name, image_size, cifar_stem=None, norm="batch"):
     """The backbone called `name` for square images of side `image_size`.
 
-    `cifar_stem=None` picks the CIFAR stem automatically for images under 64 px (ResNets only).
+    `cifar_stem=None` picks the CIFAR stem automatically for images under 64 px (ResNets only); `norm` picks the
+    ResNets' normalization layers (NORMS).
     """
     if name not in BACKBONES:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}")
     if name.startswith("cnn4"):
+        if norm != "batch":
+            has = "BatchNorm" if name == "cnn4_bn" else "no normalization"
+            raise UserError(f"--norm {norm} is for the ResNets; {name} has {has}")
         return CNN4(image_size=image_size, batchnorm=name == "cnn4_bn")
     if cifar_stem is None:
         cifar_stem = image_size < 64
-    return ResNet(name, cifar_stem=cifar_stem)
+    return ResNet(name, cifar_stem=cifar_stem, norm=norm)
 
 
 def check_dims(dims, embed_dim):

@@ -103,7 +103,7 @@ def test_save_pretrained_round_trip_is_bit_identical_to_the_trained_backbone(run
     backbone.load_state_dict({k[len("backbone."):]: v for k, v in load_file(run / "model.safetensors").items()
                               if k.startswith("backbone.")})
     transformed = test_split.with_transform(ImageTransform(eval_transform(config)))
-    batch = Collate(keep_shape=True)([transformed[i] for i in range(len(transformed))])
+    batch = Collate()([transformed[i] for i in range(len(transformed))])
     with torch.no_grad():
         reference = backbone.eval()(batch["pixel_values"])
 
@@ -150,7 +150,7 @@ def test_classify_agrees_with_the_head_accuracy_in_metrics_json(run, model, test
     labels = torch.tensor(test_split["label"])
     accuracy = [(predictions[d] == labels).float().mean().item() for d in metrics["dims"]]
     assert accuracy == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
-    assert accuracy[-1] > 0.5  # far above chance (0.1)
+    assert accuracy[-1] > 0.5  # chance: 0.1; 16 runs of this setting ended at 0.77-0.96 (benchmarks/outcome_spread.py)
     probs = model.classify(test_split.select(range(5)), dim=8, return_probs=True)
     assert probs.shape == (5, 10) and torch.allclose(probs.sum(1), torch.ones(5))
     assert model.class_names == [str(i) for i in range(10)]

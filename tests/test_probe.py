@@ -45,7 +45,9 @@ def test_standardize_keeps_constant_features_finite(digits):
 def test_torch_probe_on_digits_is_far_above_chance(digits):
     results = torch_probe(*digits, dims=[8, 16, 32, 64], num_classes=10, device="cpu")
     accuracy = {r.dim: r.accuracy for r in results}
-    assert accuracy[64] > 0.93  # chance: 0.1
+    # chance: 0.1. Over 6 held-out splits (benchmarks/outcome_spread.py; threads change nothing here): d64 0.965-0.976,
+    # d8 0.41-0.44, d64 - d16 >= 0.35, d16 - d8 >= 0.14
+    assert accuracy[64] > 0.9
     assert accuracy[8] > 0.3 and accuracy[64] > accuracy[16] > accuracy[8]  # the top pixel rows say little
     for r in results:
         assert r.probs.shape == (len(digits[2]), 10)
@@ -154,4 +156,5 @@ def test_pca_baseline_matches_scikit_learn_and_packs_information_first(digits):
     # The same probe at d = 8: PCA's first 8 axes beat the first 8 pixels (the blank top row) by far.
     raw = torch_probe(train, y, test, y_test, dims=[8], num_classes=10, device="cpu")[0].accuracy
     reduced = torch_probe(p_train, y, p_test, y_test, dims=[8], num_classes=10, device="cpu")[0].accuracy
-    assert reduced > 0.85 and reduced > raw + 0.3
+    # 6 held-out splits (benchmarks/outcome_spread.py): PCA 0.89-0.93, ahead of the raw pixels by 0.47-0.50
+    assert reduced > 0.8 and reduced > raw + 0.3

@@ -65,13 +65,17 @@ def test_relic_run_reports_finite_per_dim_losses_and_online_knn_far_above_chance
     tmp, result = relic
     rows = [row for _, row in sorted(train_rows(tmp).items())]
     assert len(rows) == 8 and all(np.isfinite(r["train/loss"]) for r in rows)
-    # every prefix's loss starts near ln(16), ReLIC's instance discrimination at chance with logit scale exp(0) = 1
-    assert all(abs(rows[0][f"train/loss_d{d}"] - np.log(16)) < 0.1 for d in DIMS)
+    # every prefix's loss starts near ln(16), ReLIC's instance discrimination at chance with logit scale exp(0) = 1.
+    # Over 17 runs of this setting (seeds 0-14, 1 and 2 threads; benchmarks/outcome_spread.py) the farthest prefix was
+    # 0.02-0.09 from it: 0.25 is far outside that and far inside a trained loss (well under 2 at this scale)
+    assert all(abs(rows[0][f"train/loss_d{d}"] - np.log(16)) < 0.25 for d in DIMS)
     assert abs(rows[-1]["train/logit_scale"] - rows[0]["train/logit_scale"]) > 1e-3  # the temperature is trained
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
     assert metrics["dims"] == DIMS and [h["epoch"] for h in metrics["history"]] == [0, 1, 2]  # 0: untrained
     knn = metrics["knn_accuracy"]
-    assert knn[-1] > 0.5 and knn[-1] > knn[0]  # 10 classes: chance is 0.1; the full width beats 8 dims
+    # 10 classes: chance is 0.1. The same 17 runs: the full width at 0.44-0.71, ahead of 8 dims by 0.19-0.51. 0.25
+    # is as far below the lowest as the range is wide; the ordering's margin is 4 sd of its spread.
+    assert knn[-1] > 0.25 and knn[-1] > knn[0]
     assert "online kNN accuracy per dim" in result.stdout
 
 
@@ -110,7 +114,7 @@ def test_saved_backbone_loads_like_evaluate_and_reproduces_the_final_knn(relic):
     with torch.no_grad():
         for name, ds in (("bank", splits.train), ("val", splits.val)):  # the bank: all 64 train images
             ds = ds.with_transform(plain)
-            batch = Collate(keep_shape=True)([ds[i] for i in range(len(ds))])
+            batch = Collate()([ds[i] for i in range(len(ds))])
             features[name] = (backbone(batch["pixel_values"]), batch["labels"])
     (bank_z, bank_y), (val_z, val_y) = features["bank"], features["val"]
     knn = [row["knn"] for row in neighbor_metrics(bank_z, bank_y, val_z, val_y, DIMS, 10, device="cpu")]
@@ -278,3 +282,22 @@ def test_defaults_are_mrl_pytorchs_and_its_flag_names_are_accepted():
         (400, 0.98, 3, 2, 128)
     assert seed.fp16_precision and parser.parse_args(["-lr", "0.1", "--wd", "0.2"]).weight_decay == 0.2
     assert all(action.help for action in parser._actions)
+
+
+@pytest.mark.parametrize("method", ["relic", "simclr", "byol"])
+def test_sync_bn_synchronizes_every_batchnorm_of_the_model(method):
+    # SyncBatchNorm runs on GPUs only, so this checks what --sync_bn builds: no BatchNorm left anywhere -- backbone,
+    # projector, BYOL's predictor (which once stayed plain), the EMA target's copies
+    from mrl.models import build_backbone
+    from mrl.projectors import Projector
+
+    args = train_ssl.get_args_parser().parse_args(["--method", method, "--proj_batchnorm", "on"])
+    backbone = build_backbone("resnet18", 8)
+    model = train_ssl.build_model(args, backbone, Projector(512, 32, 8, batchnorm=True), [8, 512], [1.0, 1.0],
+                                  ema_schedule=[0.99] * 4, sync_bn=True)
+    norms = [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and set(norms) == {"SyncBatchNorm"}
+    if method == "byol":
+        assert any(isinstance(m, nn.SyncBatchNorm) for m in model.predictor.modules())
+    if method != "simclr":
+        assert any(isinstance(m, nn.SyncBatchNorm) for m in model.target.modules())

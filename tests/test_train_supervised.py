@@ -23,7 +23,10 @@ def test_accuracy_rises_far_above_chance_for_every_head(trained):
     tmp, result = trained
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
     assert metrics["dims"] == DIMS and len(metrics["history"]) == 2
-    assert min(metrics["val"]["accuracy"]) > 0.6 and min(metrics["test"]["accuracy"]) > 0.6  # chance: 0.1
+    # Chance is 0.1. Over 16 runs of this setting (seeds 0-14, 1 and 2 threads; benchmarks/outcome_spread.py) the
+    # weakest head (d = 8) ended between 0.58 and 0.84 on validation, 0.63 and 0.86 on test (mean 0.73, sd 0.07);
+    # 0.3 is 4 sd below the lowest, as far below it as the whole range is wide.
+    assert min(metrics["val"]["accuracy"]) > 0.3 and min(metrics["test"]["accuracy"]) > 0.3
     first, last = metrics["history"]
     assert sum(last["val_loss"]) < sum(first["val_loss"])
     # The per-dim table is printed, one row per dim.
@@ -40,7 +43,7 @@ def test_saved_model_and_config_reproduce_the_reported_test_accuracy(trained):
     splits = load_splits(data["dataset"], seed=data["seed"], val_fraction=data["val_fraction"],
                          test_fraction=data["test_fraction"])
     attach_transforms(splits, data["augment"], data["image_size"], data["mean"], data["std"], seed=0)
-    batch = Collate(keep_shape=True)([splits.test[i] for i in range(len(splits.test))])
+    batch = Collate()([splits.test[i] for i in range(len(splits.test))])
     with torch.no_grad():
         accuracy = (heads(backbone(batch["pixel_values"])).argmax(-1) == batch["labels"]).float().mean(1)
     reported = json.loads((tmp / "out" / "metrics.json").read_text())["test"]["accuracy"]
@@ -55,16 +58,17 @@ def test_wandb_history_has_per_head_accuracy_lr_and_a_monotonic_step(trained):
     val_rows = [r for r in rows if "val/accuracy_d8" in r]
     assert [r["epoch"] for r in val_rows] == [1, 2]
     assert all(f"val/accuracy_d{d}" in r and f"val/loss_d{d}" in r for r in val_rows for d in DIMS)
-    # 45 batches of 32 per epoch, accumulation 2 -> 23 optimizer steps per epoch (the last one with 1 batch).
-    assert [r["_step"] for r in val_rows] == [23, 46]
+    # 44 whole batches of 32 per epoch (of 1,437 training images: an epoch leaves out the 29 its order puts last),
+    # accumulation 2 -> 22 optimizer steps per epoch.
+    assert [r["_step"] for r in val_rows] == [22, 44]
     lr = {r["_step"]: r["train/lr"] for r in rows if "train/lr" in r}
-    assert lr[1] == lr[23] == pytest.approx(2e-3) and lr[24] == lr[46] == pytest.approx(2e-3 * 0.85)
+    assert lr[1] == lr[22] == pytest.approx(2e-3) and lr[23] == lr[44] == pytest.approx(2e-3 * 0.85)
     assert all(f"train/loss_d{d}" in rows[0] for d in DIMS)
     # throughput per epoch, logged at the epoch's last step: images / seconds over every image of the split
     speed = [r for r in rows if "train/images_per_second" in r]
-    assert [r["_step"] for r in speed] == [23, 46] and all(r["train/epoch_seconds"] > 0 for r in speed)
+    assert [r["_step"] for r in speed] == [22, 44] and all(r["train/epoch_seconds"] > 0 for r in speed)
     images = {round(r["train/images_per_second"] * r["train/epoch_seconds"]) for r in speed}
-    assert len(images) == 1 and 44 * 32 < images.pop() <= 45 * 32
+    assert images == {44 * 32}
     media = run_dirs(tmp / "wandb")[0] + "/files/media"
     assert list((tmp / "wandb").glob("wandb/offline-run-*/files/media/table/accuracy_per_dim*.table.json"))
     assert list((tmp / "wandb").glob("wandb/offline-run-*/files/media/images/embeddings/pca*.png")), media
@@ -82,7 +86,7 @@ def test_resume_mid_epoch_continues_exactly(trained):
     assert resumed_runs[0].split("-")[-1] == full_runs[0].split("-")[-1]  # the same W&B run id continues
     full = {r["_step"]: r for r in history(full_runs[0]) if "train/loss" in r}
     again = {r["_step"]: r for r in history(resumed_runs[0]) if "train/loss" in r}
-    assert sorted(again) == list(range(29, 47))
+    assert sorted(again) == list(range(29, 45))
     for step in again:
         assert again[step]["train/loss"] == pytest.approx(full[step]["train/loss"], rel=1e-5, abs=1e-6), step
     original = json.loads((tmp / "out" / "metrics.json").read_text())
@@ -134,17 +138,19 @@ def test_unreachable_hub_fails_fast_with_the_blog_defaults(tmp_path):
 
 def test_image_folder_with_a_corrupt_file_trains_and_accounts_for_it(tmp_path):
     folder = make_image_folder(tmp_path / "folder")
+    # 36 training images in whole batches of 12: every one is loaded each epoch
     result = run_script("train_supervised.py", "--dataset", "custom", "--dataset_path", folder, "--image_size", 16,
-                        "--batch_size", 8, "--grad_accum_steps", 1, "--epochs", 1, "--num_workers", 0,
+                        "--batch_size", 12, "--grad_accum_steps", 1, "--epochs", 1, "--num_workers", 0,
                         "--val_fraction", 0.2, "--test_fraction", 0.2, "--output_dir", tmp_path / "out",
                         tmp_path=tmp_path)
     sizes = re.search(r"(\d+) train / (\d+) val / (\d+) test images, 2 classes", result.stdout).groups()
     train_size, val_size, test_size = map(int, sizes)
-    assert train_size + val_size + test_size == 61
-    skipped = re.search(r"skipped (\d+) unreadable images", result.stdout)
+    assert train_size + val_size + test_size == 61 and train_size == 36
+    replaced = re.search(r"(\d+) unreadable images replaced", result.stdout)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    # The broken file is dropped from training (and counted), or left out of the evaluation of its split.
+    # The broken file is replaced in training (and counted), or left out of the evaluation of its split.
     not_evaluated = (val_size - metrics["val"]["n"]) + (test_size - metrics["test"]["n"])
-    assert (int(skipped.group(1)) if skipped else 0) + not_evaluated == 1
-    # with seed 0 the broken file is in the train split: skipped, counted and named in the epoch's summary
-    assert f"skipped 1 unreadable images ({folder / 'one' / 'broken.png'})" in result.stdout
+    assert (int(replaced.group(1)) if replaced else 0) + not_evaluated == 1
+    # with seed 0 the broken file is in the train split: replaced, counted and named in the epoch's summary
+    assert "epoch 1: 36 images in" in result.stdout
+    assert f"1 unreadable images replaced by the next readable ones ({folder / 'one' / 'broken.png'})" in result.stdout
