@@ -366,7 +366,12 @@ def training_command(script):
     """The command line that started this process, when it ran `script` (None when called from other code)."""
     if os.path.basename(sys.argv[0]) != script:
         return None
-    launcher = "accelerate launch" if any(k.startswith("ACCELERATE_") for k in os.environ) else "python"
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` for the processes it starts
+        launcher = "accelerate launch"
+    elif "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's
+        launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', 1)}"
+    else:
+        launcher = "python"
     return f"{launcher} {shlex.join([script, *sys.argv[1:]])}"
 
 
