@@ -41,11 +41,12 @@ from mrl.checkpoint import (TrainState, load_checkpoint, resolve_checkpoint, sav
 from mrl.data import (Collate, FillUnreadable, ImageTransform, attach_transforms, build_transform, get_preset,
                       load_splits)
 from mrl.device_data import DeviceLoader
+from mrl.distributed import unwrap
 from mrl.ema import EMA
 from mrl.features import embed
 from mrl.guards import LossGuard, Preemption, ignore_signals_in_worker
 from mrl.loop import (StepMeter, accumulation_scale, after_optimizer_step, build_accelerator, check_readable,
-                      count_batch, end_epoch, epoch_batches, log_train_losses, unwrap)
+                      count_batch, end_epoch, epoch_batches, log_train_losses)
 from mrl.losses import MatryoshkaLoss, byol_loss, dim_weights, nt_xent_loss, relic_loss
 from mrl.models import build_backbone, check_dims, default_dims
 from mrl.pretrained import publish_run

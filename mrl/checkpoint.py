@@ -13,6 +13,7 @@ import shutil
 from safetensors.torch import load_file
 
 from mrl import UserError
+from mrl.distributed import unwrap
 from mrl.models import MatryoshkaHeads, build_backbone
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -133,8 +134,8 @@ def write_config(output_dir, config):
 
 def save_model(accelerator, model, output_dir, config):
     """The trained model as safetensors plus the JSON config that load_model rebuilds it from. The keys are the
-    module's own: without DDP's `module.` and torch.compile's `_orig_mod.` (see mrl.loop.unwrap)."""
-    accelerator.save_model(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir)
+    module's own: without DDP's `module.` and torch.compile's `_orig_mod.`."""
+    accelerator.save_model(unwrap(accelerator, model), output_dir)
     if accelerator.is_main_process:
         # safetensors writes through a private temporary file (mode 0600); give it the mode of every other output
         umask = os.umask(0)

@@ -1,5 +1,5 @@
-"""What several processes share: how long a collective may wait, and a batch's embeddings gathered from every
-process, so that a contrastive loss on N processes compares each image with the whole global batch, as it does on one.
+"""What several processes share: how long a collective may wait, the model without the wrappers that run it on
+several (`unwrap`), and a batch's embeddings gathered from every process, so that a contrastive loss on N processes compares each image with the whole global batch, as it does on one.
 
 The timeout. A collective (a barrier, an all-reduce) waits for every process; past the process group's timeout the
 run fails. NCCL's default, 10 minutes, is shorter than work one process sometimes does alone while the others wait
@@ -48,6 +48,16 @@ def make_accelerator(**kwargs):
     """`Accelerator(**kwargs)` whose process group (when there are several processes) waits process_group_timeout()
     in a collective before it fails."""
     return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=process_group_timeout())], **kwargs)
+
+
+def unwrap(accelerator, model):
+    """The module a script built, without the wrappers `accelerator.prepare` added (DDP, torch.compile's).
+
+    Not `accelerator.unwrap_model(model)`: by default it returns the compiled wrapper (whose state dict keys carry
+    `_orig_mod.`), and to do so re-points that wrapper at the bare module in place -- after which the prepared model
+    no longer reaches DDP's `no_sync` (gradients are all-reduced on every micro-batch of an accumulation group).
+    """
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def world_size():

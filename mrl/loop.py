@@ -42,16 +42,6 @@ def build_accelerator(args, mixed_precision=None):
     return accelerator
 
 
-def unwrap(accelerator, model):
-    """The module a script built, without the wrappers `accelerator.prepare` added (DDP, torch.compile's).
-
-    Not `accelerator.unwrap_model(model)`: by default it returns the compiled wrapper (whose state dict keys carry
-    `_orig_mod.`), and to do so re-points that wrapper at the bare module in place -- after which the prepared model
-    no longer reaches DDP's `no_sync` (gradients are all-reduced on every micro-batch of an accumulation group).
-    """
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
-
-
 def epoch_batches(accelerator, train_loader, train_transform, state, epoch, epochs):
     """The batches of `epoch` still to train on, and a progress bar over the whole epoch.
 

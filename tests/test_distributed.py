@@ -124,7 +124,7 @@ def test_preemption_flags_agree_across_processes_one_step_late_through_host_memo
 def compile_worker(rank, out, results):
     from mrl.checkpoint import save_model
     from mrl.distributed import make_accelerator
-    from mrl.loop import unwrap
+    from mrl.distributed import unwrap
 
     accelerator = make_accelerator(dynamo_backend="eager", gradient_accumulation_steps=2)
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def test_unwrapping_a_compiled_ddp_model_keeps_it_intact_and_saves_bare_keys(tmp
         seen = results[f"rank{rank}"]
         assert seen["prepared"] == ("OptimizedModule", "DistributedDataParallel") and seen["bare_is_model"]
         assert seen["still_ddp"] == "DistributedDataParallel" and seen["no_sync"]
-        assert results[f"default{rank}"] == "Sequential"  # why mrl.loop.unwrap never uses that default
+        assert results[f"default{rank}"] == "Sequential"  # why mrl.distributed.unwrap never uses that default
     assert sorted(load_file(tmp_path / "model.safetensors")) == ["0.bias", "0.weight", "2.bias", "2.weight"]
 
 
