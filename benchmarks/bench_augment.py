@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Two-view SSL augmentation throughput: the per-image PIL pipeline in DataLoader workers (train_ssl.py's default)
-vs the batched tensor version (`--gpu_augment`, mrl/augment.BatchAugment) on this machine's device.
+vs the batched tensor version (`--gpu_augment`, mrl/ssl_augment.BatchAugment) on this machine's device.
 
 Both produce two augmented, normalized views per image of the CIFAR-10 copy. The worker side is timed end to end
 (decode + two views + collate) with N workers; the batched side is timed on uint8 batches already on the device
@@ -19,8 +19,9 @@ import torch
 import torchvision.transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mrl.augment import BatchAugment, ssl_augmentation  # noqa: E402
-from mrl.data import PRESETS, Collate, FillUnreadable, ImageTransform, load_splits  # noqa: E402
+from mrl.data import PRESETS, load_splits  # noqa: E402
+from mrl.ssl_augment import BatchAugment, ssl_augmentation  # noqa: E402
+from mrl.transforms import Collate, FillUnreadable, ImageTransform  # noqa: E402
 
 DEFAULT_CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10")
 

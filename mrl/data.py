@@ -1,8 +1,9 @@
-"""Datasets as train / validation / test splits of (image, label), and the image transforms that go with them.
+"""Datasets as train / validation / test splits of (image, label): the presets, where the data comes from, and how
+it is split (mrl.transforms decodes, transforms and batches the images).
 
 Every dataset, wherever it comes from, is normalized to three columns: `image` (kept undecoded until a sample is
 used, so a corrupt file costs one sample, not the run), `label` (a ClassLabel) and `index` (the row's position in
-the source, which seeds that sample's random augmentation -- see ImageTransform).
+the source, which seeds that sample's random augmentation -- see mrl.transforms.ImageTransform).
 """
 
 import hashlib
@@ -13,9 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import numpy as np
-import torch
-import torchvision.transforms as T
-from PIL import Image, ImageOps
+from PIL import Image
 
 import datasets
 from mrl import UserError
@@ -35,7 +34,7 @@ class Preset:
     image_size: int
     mean: tuple
     std: tuple
-    augment: str  # train-time augmentation, see build_transform
+    augment: str  # train-time augmentation, see mrl.transforms.build_transform
     model: str  # default backbone
     min_image_size: int = 0  # images smaller than this on either side are dropped
     label_column: str | None = None  # preferred label column where a dataset has several
@@ -281,20 +280,8 @@ def _stratified_split(ds, fraction, seed):
     return parts["train"], parts["test"]
 
 
-def open_image(item):
-    """An undecoded `image` cell (bytes and/or path) as an RGB PIL image, or None when it cannot be read.
-
-    cats_vs_dogs holds grayscale, RGBA, CMYK and palette images, and a few files that are not images at all.
-    """
-    try:
-        image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... for bad files
-        return None
-
-
 def _at_least(min_size):
+    """load_splits' minimum-size filter: reads each image's header only, without decoding it."""
     def keep(items):
         sizes = []
         for item in items:
@@ -305,143 +292,3 @@ def _at_least(min_size):
                 sizes.append(0)
         return [s >= min_size for s in sizes]
     return keep
-
-
-def build_transform(augment, image_size, mean, std, train):
-    """PIL image -> normalized tensor. `augment` names the train-time augmentation; eval is deterministic."""
-    size = (image_size, image_size)
-    if augment == "ssl":  # the self-supervised two-view recipe (mrl.augment; one view per call), eval: resize
-        from mrl.augment import ssl_augmentation
-
-        steps = [ssl_augmentation(image_size)] if train else [T.Resize(size)]
-    elif augment == "resized_crop_flip":
-        steps = ([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if train
-                 else [T.Resize(round(image_size / 0.875)), T.CenterCrop(size)])
-    else:
-        steps = [T.Resize(size)]
-        if train and augment == "blog":
-            steps += [T.RandomHorizontalFlip(), T.GaussianBlur(3)]
-        elif train and augment in ("crop_flip", "crop"):
-            steps.append(T.RandomCrop(size, padding=image_size // 8))
-            steps += [T.RandomHorizontalFlip()] if augment == "crop_flip" else []
-        elif augment not in ("blog", "crop_flip", "crop", "none"):
-            raise UserError(f"unknown augmentation {augment!r}")
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
-
-
-def sample_seed(seed, epoch, index):
-    """The seed of one sample's augmentation in one epoch. Reduced modulo 2**64 (torch.manual_seed's range), so
-    that every --seed works; for the seeds that fit without it (below 18447) the values are those of earlier
-    versions, so their runs resume with the same augmentations."""
-    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 64)
-
-
-class ImageTransform:
-    """The callable given to `Dataset.set_transform`: decodes each image and applies `transform` to it.
-
-    With `seed` set, every sample's augmentation is drawn from its own generator seeded by (seed, epoch, index),
-    so a sample is augmented the same way whichever worker, process or resumed run loads it: resuming mid-epoch
-    and changing the number of workers or processes leave the training batches bit-identical. `epoch` is read
-    when the DataLoader's workers are started (they get a copy), so set it before iterating over an epoch.
-    Unreadable images come out as None; FillUnreadable fills them in.
-    """
-
-    def __init__(self, transform, seed=None, views=1):
-        self.transform, self.seed, self.views, self.epoch = transform, seed, views, 0
-
-    def __call__(self, batch):
-        samples, unreadable = [], []
-        for item, index in zip(batch["image"], batch["index"]):
-            image = open_image(item)
-            path = item.get("path") if isinstance(item, dict) else None  # a missing cell (None) too
-            unreadable.append(None if image is not None else path or f"row {index}")
-            if image is None:
-                samples.append(None)
-                continue
-            with torch.random.fork_rng(devices=[], enabled=self.seed is not None):
-                if self.seed is not None:
-                    torch.manual_seed(sample_seed(self.seed, self.epoch, int(index)))
-                views = [self.transform(image) for _ in range(self.views)]
-            samples.append(views[0] if self.views == 1 else views)
-        return {"pixel_values": samples, "label": batch["label"], "unreadable": unreadable}
-
-
-class FillUnreadable(torch.utils.data.Dataset):
-    """A transformed split (ImageTransform's samples) whose unreadable images are filled in, so that every batch
-    has the same shape on every process: NCCL's collectives do not check shapes, and DDP expects every process to
-    take every step.
-
-    Training (`evaluation=False`): an unreadable sample is replaced by the next readable one after it in the split
-    (position + 1, + 2, ..., wrapping around), loaded through the same transform. Which one replaces it is a function
-    of the split alone, so batches stay the same on any number of processes and after a resume; --data_on_device
-    replaces the same way (mrl.device_data.replacements). Evaluation (`evaluation=True`): a zero image shaped like
-    that readable sample, labelled -1, which the metrics leave out. Either way the sample keeps the unreadable image's
-    name in `unreadable` (Collate counts and names them). Only when no image of the whole split can be read does the
-    sample stay None, and the batch comes out empty (Collate).
-    """
-
-    def __init__(self, dataset, evaluation=False):
-        self.dataset, self.evaluation = dataset, evaluation
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, position):
-        return self.__getitems__([position])[0]
-
-    def __getitems__(self, positions):  # the DataLoader fetches a whole batch through this
-        samples = self.dataset.__getitems__(list(positions))
-        for k, (position, sample) in enumerate(zip(positions, samples)):
-            if sample["pixel_values"] is None:
-                other = self.readable_after(position)
-                if other is not None:
-                    if self.evaluation:
-                        other = {**other, "pixel_values": zeros_like(other["pixel_values"]), "label": -1}
-                    samples[k] = {**other, "unreadable": sample["unreadable"]}
-        return samples
-
-    def readable_after(self, position):
-        n = len(self.dataset)
-        for other in range(position + 1, position + n):
-            sample = self.dataset[other % n]
-            if sample["pixel_values"] is not None:
-                return sample
-        return None
-
-
-def zeros_like(pixels):
-    return [torch.zeros_like(p) for p in pixels] if isinstance(pixels, list) else torch.zeros_like(pixels)
-
-
-class Collate:
-    """Stack a batch of FillUnreadable's samples; `skipped` counts the unreadable images among them (filled in),
-    `unreadable` names them (their file path, or their row in the split). A batch in which something is still missing
-    (no image of the split can be read) comes out empty: the scripts stop there with one line."""
-
-    def __call__(self, batch):
-        unreadable = [b["unreadable"] for b in batch if b.get("unreadable")]
-        if any(b["pixel_values"] is None for b in batch):
-            pixel_values, labels = torch.empty(0), torch.empty(0, dtype=torch.long)
-        else:
-            images = [b["pixel_values"] for b in batch]
-            # several views per sample: one stacked tensor per view
-            pixel_values = torch.stack(images) if torch.is_tensor(images[0]) else [torch.stack(v) for v in zip(*images)]
-            labels = torch.tensor([b["label"] for b in batch], dtype=torch.long)
-        return {"pixel_values": pixel_values, "labels": labels, "skipped": torch.tensor(len(unreadable)),
-                "unreadable": unreadable}
-
-
-def attach_transforms(splits, augment, image_size, mean, std, seed, views=1, train_transform=None):
-    """set_transform on every split (train augmented and seeded, val/test plain); returns the train transform.
-
-    `train_transform`, when given, is the per-image train transform to use instead of build_transform's for
-    `augment` (e.g. the SSL recipe at another strength); val/test still get `augment`'s eval transform.
-    """
-    train_transform = ImageTransform(train_transform or build_transform(augment, image_size, mean, std, train=True),
-                                     seed, views)
-    splits.train.set_transform(train_transform)
-    plain = ImageTransform(build_transform(augment, image_size, mean, std, train=False))
-    for ds in (splits.val, splits.test):
-        if ds is not None:
-            ds.set_transform(plain)
-    return train_transform

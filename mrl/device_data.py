@@ -5,12 +5,13 @@ On a fast GPU the training step of a small model outruns the CPU workers that de
 5,100-11,600 img/s). For a dataset that fits in the accelerator's memory (CIFAR-10/100: 150 MB as uint8 at 32 px;
 STL-10 with its unlabeled split at 96 px: about 2.8 GB) every image is decoded and resized once, the uint8 array is
 cached on disk beside the datasets cache and copied to the accelerator, and each epoch's batches are gathered there
-by index; train_ssl.py then augments them with its batched augmentation (mrl.augment.BatchAugment), as --gpu_augment.
+by index; train_ssl.py then augments them with its batched augmentation (mrl.ssl_augment.BatchAugment), as
+--gpu_augment.
 
 The batches are the ones the DataLoader path gives: each epoch's order is Accelerate's seedable sampler's (a function
 of (seed, epoch)), --batch_size is the global batch and every process takes its slice of it (split_batches), the last
 partial batch is dropped, and an unreadable image's slot holds the next readable image after it (as the DataLoader
-path's data.FillUnreadable fills it). So a run sees every sample once per epoch on any number of processes, every
+path's transforms.FillUnreadable fills it). So a run sees every sample once per epoch on any number of processes, every
 process's batch has the same shape, a mid-epoch resume replays the uninterrupted run exactly, and with the same
 augmentation seeds the views are bit-identical to --gpu_augment's (the decoding is the same: RGB, resized, uint8).
 """
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 import datasets
 from mrl import UserError
-from mrl.data import ImageTransform
+from mrl.transforms import ImageTransform
 
 CACHE_FOLDER = "mrl_decoded"  # inside the datasets cache (HF_DATASETS_CACHE)
 DECODE_VERSION = 1  # part of the cache key: change it when decode() changes, so that old caches are not read
@@ -42,7 +43,7 @@ def decode_transform(image_size):
     return T.Compose([T.Resize((image_size, image_size)), T.PILToTensor()])
 
 
-def cache_key(dataset, image_size):
+def decoded_cache_key(dataset, image_size):
     """The dataset's fingerprint (datasets derives it from the source files and every split, select and shuffle
     applied to them, seeds included) with the image size: change any of them and the cache is not reused. Take it
     before a transform is attached (set_transform changes the fingerprint)."""
@@ -75,7 +76,7 @@ def cached_decode(dataset, image_size, num_workers=0, cache_dir=None, log=print)
     """decode(), read from the disk cache when an earlier run (or another process) wrote it. The cache is one folder
     per key, written under a temporary name and renamed when complete, so a killed run never leaves half of one."""
     root = os.path.join(cache_dir or datasets.config.HF_DATASETS_CACHE, CACHE_FOLDER)
-    folder = os.path.join(root, cache_key(dataset, image_size))
+    folder = os.path.join(root, decoded_cache_key(dataset, image_size))
     files = {name: os.path.join(folder, f"{name}.npy") for name in ("images", "labels", "readable")}
     damaged = False
     if all(os.path.isfile(f) for f in files.values()):
@@ -112,7 +113,7 @@ def cached_decode(dataset, image_size, num_workers=0, cache_dir=None, log=print)
 
 def replacements(readable):
     """For every sample, the one whose pixels fill its slot: itself when readable, else the next readable one after
-    it (wrapping around), as data.FillUnreadable replaces an unreadable image in the DataLoader path."""
+    it (wrapping around), as transforms.FillUnreadable replaces an unreadable image in the DataLoader path."""
     good = np.flatnonzero(readable)
     if not len(good):
         raise UserError(f"none of the {len(readable)} training images can be read: corrupt or empty files?")

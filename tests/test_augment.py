@@ -7,9 +7,10 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from mrl.augment import (BatchAugment, batch_seed, blur_kernel_size, gaussian_blur, grayscale, hsv_to_rgb, rgb_to_hsv,
-                         ssl_augmentation)
-from mrl.data import ImageTransform, build_transform, load_splits
+from mrl.data import load_splits
+from mrl.ssl_augment import (BatchAugment, batch_seed, blur_kernel_size, gaussian_blur, grayscale, hsv_to_rgb,
+                             rgb_to_hsv, ssl_augmentation)
+from mrl.transforms import ImageTransform, build_transform
 
 
 def images(n=8, size=16, seed=0):

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from mrl import UserError
-from mrl.data import (PRESETS, Collate, FillUnreadable, ImageTransform, attach_transforms, build_transform, load_splits,
-                      open_image, sample_seed)
+from mrl.data import PRESETS, load_splits
+from mrl.transforms import (Collate, FillUnreadable, ImageTransform, attach_transforms, build_transform, open_image,
+                            sample_seed)
 
 
 def test_digits_splits_are_stratified_seeded_and_disjoint():

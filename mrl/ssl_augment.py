@@ -37,7 +37,7 @@ def jitter_factors(strength):
 
 def ssl_augmentation(image_size, crop_scale=(0.08, 1.0), strength=1.0, jitter_prob=0.8, gray_prob=0.2,
                      blur_prob=1.0, solarize_prob=0.5):
-    """One random view of a PIL image, as a PIL image (ToTensor and Normalize follow in data.build_transform)."""
+    """One random view of a PIL image, as a PIL image (ToTensor and Normalize follow in transforms.build_transform)."""
     steps = [T.RandomResizedCrop((image_size, image_size), scale=tuple(crop_scale)), T.RandomHorizontalFlip(),
              T.RandomApply([T.ColorJitter(*jitter_factors(strength))], p=jitter_prob), T.RandomGrayscale(p=gray_prob)]
     kernel = blur_kernel_size(image_size)
