@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 
 import datasets
 from mrl import UserError, cli
-from mrl.data import PRESETS, Collate, FillUnreadable, ImageTransform, load_splits
+from mrl.data import PRESETS, load_splits
 from mrl.distributed import make_accelerator
 from mrl.features import embedded_batches
 from mrl.pretrained import MatryoshkaEncoder, list_images
 from mrl.retrieval import funnel_search, nearest_neighbors
+from mrl.transforms import Collate, FillUnreadable, ImageTransform
 
 EMBEDDINGS, MANIFEST = "embeddings.parquet", "embed.json"
 INDEX_TYPES = ("flat", "hnsw")

@@ -13,7 +13,8 @@ confident, and retrieval that shortlists with a small prefix and re-ranks with t
 Features are extracted once per checkpoint and split (train, validation, test), with every Accelerate process
 embedding its shard, and cached in <checkpoint>/features, so a second evaluation starts from the cache. The
 splits are those the run trained with (its config's dataset, seed and fractions), unless flags say otherwise.
-Results go to --output_dir: results.json, results.md, PNG plots, and with --report_to wandb a W&B run.
+Results go to --output_dir: results.json, results.md, PNG plots, and with --report_to wandb a W&B run
+(mrl/eval_report.py).
 
 examples:
   python evaluate.py --checkpoint runs/supervised_mrl_digits_resnet18
@@ -23,24 +24,23 @@ examples:
 """
 
 import argparse
-import json
-import math
 import os
 import time
 
 import torch
 
-from mrl import UserError, cli, plots
+from mrl import UserError, cli
 from mrl.checkpoint import MODEL_FILE, TrainState, checkpoint_run_dir, is_checkpoint, load_model, read_config
-from mrl.data import ImageTransform, build_transform, load_splits, split_record, trained_rows
+from mrl.data import load_splits, split_record, trained_rows
 from mrl.distributed import make_accelerator
-from mrl.features import cache_key, file_digest, load_or_extract, pca
+from mrl.eval_report import log_results, results_markdown, write_outputs
+from mrl.features import features_cache_key, file_digest, load_or_extract, pca
 from mrl.model_card import update_card_with_evaluation
 from mrl.models import default_dims
 from mrl.probe import L2_GRID, cascade, sklearn_probe, torch_probe
 from mrl.retrieval import adaptive_retrieval, neighbor_metrics
-from mrl.tracking import (default_run_name, init_tracking, log_charts, log_image_files, log_summary, log_table,
-                          save_file, update_config, use_model_artifacts)
+from mrl.tracking import default_run_name, init_tracking
+from mrl.transforms import ImageTransform, build_transform
 
 
 def get_args_parser():
@@ -141,8 +141,11 @@ def main(args):
                                 "wandb": config.get("wandb"), **run})
         embeddings[label] = features[eval_split]
 
+    # ---- report: results.json, results.md and plots in --output_dir, the W&B page, the model cards
     if accelerator.is_main_process:
-        write_outputs(args, accelerator, results, embeddings)
+        images = write_outputs(args, results, embeddings)
+        if args.report_to == "wandb":  # the W&B run started with the script; now its tables, charts and plots
+            log_results(args, accelerator, results, images)
         for run in results["runs"] if args.update_model_card else []:
             card = update_card_with_evaluation(run["checkpoint"], results_markdown(args, {**results, "runs": [run]}),
                                                run["per_dim"], results["eval_split"], args.output_dir)
@@ -288,7 +291,7 @@ def embed_splits(args, accelerator, path, backbone, config, splits):
         if dataset is None:
             continue
         dataset.set_transform(ImageTransform(transform))
-        cache_file = (os.path.join(cache_dir, f"{name}-{cache_key(digest, name, dataset, preprocessing)}.pt")
+        cache_file = (os.path.join(cache_dir, f"{name}-{features_cache_key(digest, name, dataset, preprocessing)}.pt")
                       if cache_dir else None)
         x, y, _ = load_or_extract(accelerator, backbone, dataset, cache_file, args.batch_size, args.num_workers,
                                   log=accelerator.print)
@@ -386,204 +389,6 @@ def protocols(args):
                               "with the same kind of index",
     }
     return {name: text for name, text in described.items() if name != "pca" or args.pca}
-
-
-def write_outputs(args, accelerator, results, embeddings):
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --output_dir {args.output_dir}: {e.strerror}") from None
-    out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
-    with open(out("results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    markdown = results_markdown(args, results)
-    with open(out("results.md"), "w") as f:
-        f.write(markdown)
-    print("\n" + markdown)
-
-    # ---- plots
-    k = args.retrieval_k[0]
-    runs = results["runs"]
-    curve = lambda run, key: ([r["dim"] for r in run["per_dim"] if r.get(key) is not None],  # noqa: E731
-                              [r[key] for r in run["per_dim"] if r.get(key) is not None])
-    images = {}
-    for name, key, ylabel, title in (
-            ("accuracy_vs_dim", "probe", "top-1 accuracy", "Linear probe (and heads) against dim"),
-            ("knn_vs_dim", "knn", "kNN top-1 accuracy", f"Weighted kNN (k={args.knn_k}) against dim"),
-            (f"map_at_{k}_vs_dim", f"map@{k}", f"mAP@{k}", f"Retrieval mAP@{k} against dim")):
-        curves = {}
-        for run in runs:
-            curves[f"{run['label']} ({'probe' if key == 'probe' else key})"] = curve(run, key)
-            if args.pca:
-                curves[f"{run['label']} PCA"] = curve(run, f"pca_{key}")
-            if key == "probe" and any(r.get("head") is not None for r in run["per_dim"]):
-                curves[f"{run['label']} heads"] = curve(run, "head")
-        images[name] = plots.accuracy_vs_dim(curves, out(f"{name}.png"), ylabel=ylabel,
-                                             title=f"{title}, {results['eval_split']} split")
-    cascades, fixed = {}, {}
-    for run in runs:
-        for source in ("heads", "probe"):
-            points = run["adaptive_classification"].get(source)
-            if points:
-                cascades[f"{run['label']} {source} cascade"] = ([p["expected_dim"] for p in points],
-                                                                [p["accuracy"] for p in points])
-        fixed[f"{run['label']} probe, fixed d"] = curve(run, "probe")
-        if "heads_fixed" in run["adaptive_classification"]:
-            h = run["adaptive_classification"]["heads_fixed"]
-            fixed[f"{run['label']} heads, fixed d"] = (h["dims"], h["accuracy"])
-    images["adaptive_classification"] = plots.adaptive_classification(cascades, fixed,
-                                                                      out("adaptive_classification.png"))
-    images["adaptive_retrieval"] = plots.adaptive_retrieval(
-        {run["label"]: [(r["speedup"], r[f"map@{k}"], r["shortlist_dim"]) for r in run["adaptive_retrieval"]]
-         for run in runs}, out("adaptive_retrieval.png"), f"mAP@{k}")
-    for run in runs:
-        x, y = embeddings[run["label"]]
-        dims = run["dims"]
-        shown = sorted({dims[0], dims[len(dims) // 3], dims[2 * len(dims) // 3], dims[-1]})
-        images[f"pca_scatter/{run['label']}"] = plots.pca_scatter(
-            x[:2000], y[:2000], shown, results["class_names"], out(f"pca_scatter_{safe_name(run['label'])}.png"),
-            title=f"{run['label']}: {results['eval_split']} embeddings")
-    print(f"saved results.json, results.md and {len(images)} plots in {args.output_dir}")
-
-    # ---- W&B: the run started with the script; now its tables, charts, summary numbers and plots
-    if args.report_to == "wandb":
-        log_results(args, accelerator, results, images, out("results.md"))
-
-
-# An adaptive curve's summary point: the cheapest that is within this much of the full-dim result
-ADAPTIVE_TOLERANCE = 0.01
-
-
-def log_results(args, accelerator, results, images, markdown_path):
-    """The W&B page of an evaluation: one native chart per metric with every run (and its PCA baseline, and its
-    heads) as a line against log2(dim); the per-dim and adaptive tables; summary numbers per run (every metric at
-    every dim, and where each adaptive curve comes within ADAPTIVE_TOLERANCE of the full dim); the plots; results.md
-    (with the protocols) on the Files tab; the values the flags resolved to; and the training runs evaluated, with
-    their model artifacts as this run's inputs."""
-    runs, data = results["runs"], results["dataset"]
-    trained = [{"label": run["label"], "checkpoint": run["checkpoint"], **run["wandb"]}
-               for run in runs if run.get("wandb")]
-    update_config(accelerator, {
-        "dataset": data["dataset"], "dataset_path": data["dataset_path"], "val_fraction": data["val_fraction"],
-        "test_fraction": data["test_fraction"], "min_image_size": data["min_image_size"], "data": data,
-        "eval_split": results["eval_split"], "dims": {run["label"]: run["dims"] for run in runs},
-        "image_size": {run["label"]: run["image_size"] for run in runs},
-        "split_sizes": {run["label"]: run["n"] for run in runs}, "protocols": results["protocols"],
-        "trained_runs": trained, "adaptive_tolerance": ADAPTIVE_TOLERANCE})
-    use_model_artifacts(accelerator, [t for t in trained if not is_checkpoint(t["checkpoint"])])  # final models only
-
-    columns = [c for c in table_columns(args) if any(r.get(c[0]) is not None for run in runs for r in run["per_dim"])]
-    log_table(accelerator, "per_dim", [{"run": run["label"], "dim": r["dim"], "log2_dim": math.log2(r["dim"]),
-                                        **{wandb_key(key): r.get(key) for key, _ in columns}}
-                                       for run in runs for r in run["per_dim"]], step=0)
-    charts = {}
-    for key, title in columns:
-        if key.startswith("pca_") or key == "head":
-            continue  # drawn with their embedding's metric
-        series = {}
-        for run in runs:
-            for name, column in ((run["label"], key), (f"{run['label']} PCA", f"pca_{key}"),
-                                 (f"{run['label']} heads", "head" if key == "probe" else None)):
-                values = [r.get(column) for r in run["per_dim"]]
-                if column and any(v is not None for v in values):
-                    series[name] = ([r["dim"] for r in run["per_dim"]], values)
-        charts[f"charts/{wandb_key(key)}_vs_dim"] = (f"{title} against log2(dim), {results['eval_split']} split",
-                                                      series)
-    cascades = {f"{run['label']} {source} cascade": ([p["expected_dim"] for p in points],
-                                                      [p["accuracy"] for p in points])
-                for run in runs for source, points in run["adaptive_classification"].items() if source != "heads_fixed"}
-    charts["charts/adaptive_classification"] = ("adaptive classification: top-1 against log2(expected dims)", cascades)
-    log_charts(accelerator, charts, step=0)
-
-    k = args.retrieval_k[0]
-    log_table(accelerator, "adaptive_classification", [
-        {"run": run["label"], "cascade": source, "threshold": p["threshold"], "expected_dim": p["expected_dim"],
-         "accuracy": p["accuracy"]}
-        for run in runs for source, points in run["adaptive_classification"].items() if source != "heads_fixed"
-        for p in points], step=0)
-    log_table(accelerator, "adaptive_retrieval", [
-        {"run": run["label"], **{wandb_key(name): value for name, value in r.items()}}
-        for run in runs for r in run["adaptive_retrieval"]], step=0)
-    log_image_files(accelerator, {f"plots/{name}": path for name, path in images.items()}, step=0)
-    summary = {f"{run['label']}/{wandb_key(key)}_d{r['dim']}": r[key] for run in runs for r in run["per_dim"]
-               for key, _ in columns if r.get(key) is not None}
-    for run in runs:
-        summary.update(adaptive_summary(run, k))
-    log_summary(accelerator, summary)
-    save_file(accelerator, markdown_path)
-
-
-def adaptive_summary(run, k):
-    """Where a run's adaptive curves come within ADAPTIVE_TOLERANCE of their full-dim result: the cascade's
-    expected dims and top-1, and the retrieval shortlist dim with its speed-up and mAP@k."""
-    label, summary = run["label"], {}
-    for source, points in run["adaptive_classification"].items():
-        if source == "heads_fixed":
-            continue
-        full = next(p for p in points if p["threshold"] is None)["accuracy"]
-        best = min((p for p in points if p["accuracy"] >= full - ADAPTIVE_TOLERANCE), key=lambda p: p["expected_dim"])
-        summary.update({f"{label}/adaptive_{source}_expected_dim": best["expected_dim"],
-                        f"{label}/adaptive_{source}_accuracy": best["accuracy"],
-                        f"{label}/adaptive_{source}_full_dim_accuracy": full})
-    rows = run["adaptive_retrieval"]
-    full = next(r for r in rows if r["shortlist"] is None)[f"map@{k}"]
-    best = min((r for r in rows if r[f"map@{k}"] >= full - ADAPTIVE_TOLERANCE), key=lambda r: r["shortlist_dim"])
-    summary.update({f"{label}/adaptive_retrieval_shortlist_dim": best["shortlist_dim"],
-                    f"{label}/adaptive_retrieval_speedup": best["speedup"],
-                    f"{label}/adaptive_retrieval_flops_ratio": best["flops_ratio"],
-                    f"{label}/adaptive_retrieval_{wandb_key(f'map@{k}')}": best[f"map@{k}"],
-                    f"{label}/full_retrieval_{wandb_key(f'map@{k}')}": full})
-    return summary
-
-
-def table_columns(args):
-    """(key in results.json, column title in results.md) of every per-dim metric."""
-    k = args.retrieval_k
-    columns = [("probe", "probe top-1"), ("knn", "kNN top-1")]
-    columns += [c for kk in k for c in ((f"map@{kk}", f"mAP@{kk}"), (f"precision@{kk}", f"P@{kk}"))]
-    if args.pca:
-        columns += [("pca_probe", "PCA probe top-1"), ("pca_knn", "PCA kNN top-1"),
-                    (f"pca_map@{k[0]}", f"PCA mAP@{k[0]}")]
-    return columns + [("head", "head top-1")]
-
-
-def wandb_key(key):
-    """The W&B name of a results.json key: one scheme, letters, digits and underscores (map@10 -> map_at_10)."""
-    return key.replace("@", "_at_")
-
-
-def results_markdown(args, results):
-    columns = table_columns(args)
-    runs = results["runs"]
-    columns = [c for c in columns if any(r.get(c[0]) is not None for run in runs for r in run["per_dim"])]
-    lines = [f"# Accuracy against dimension: {results['dataset']['dataset']}, {results['eval_split']} split", "",
-             "| run | dim | " + " | ".join(title for _, title in columns) + " |",
-             "|---|---:|" + "---:|" * len(columns)]
-    for run in runs:
-        for r in run["per_dim"]:
-            cells = [f"{r[key]:.4f}" if r.get(key) is not None else "" for key, _ in columns]
-            lines.append(f"| {run['label']} | {r['dim']} | " + " | ".join(cells) + " |")
-    lines += ["", "Protocols:", ""] + [f"- **{name}**: {text}" for name, text in results["protocols"].items()]
-    k = args.retrieval_k[0]
-    for run in runs:
-        for source, points in run["adaptive_classification"].items():
-            if source == "heads_fixed":
-                continue
-            lines += ["", f"## {run['label']}: adaptive classification ({source} cascade)", "",
-                      "| threshold | expected dims | top-1 |", "|---:|---:|---:|"]
-            lines += [f"| {p['threshold'] if p['threshold'] is not None else 'largest dim'} | {p['expected_dim']:.1f} "
-                      f"| {p['accuracy']:.4f} |" for p in points]
-        lines += ["", f"## {run['label']}: adaptive retrieval (shortlist, then re-rank at d={run['embed_dim']})", "",
-                  f"| d_s | shortlist | mAP@{k} | P@{k} | top-1 | ms / query | speedup | FLOPs ratio |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['shortlist_dim']} | {r['shortlist'] or 'none (full search)'} | {r[f'map@{k}']:.4f} | "
-                  f"{r[f'precision@{k}']:.4f} | {r['top1']:.4f} | {r['ms_per_query']:.3f} | {r['speedup']:.2f} | "
-                  f"{r['flops_ratio']:.1f} |" for r in run["adaptive_retrieval"]]
-    return "\n".join(lines) + "\n"
-
-
-def safe_name(label):
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ PCA baseline computed from them.
 
 Extraction runs on every Accelerate process: each embeds its shard of the split, and `gather_for_metrics`
 reassembles the whole split in order, dropping the samples that the last batch repeated to even out the shards.
-Unreadable images arrive as label -1 (see `data.Collate`) and are dropped after gathering.
+Unreadable images arrive as label -1 (see `transforms.Collate`) and are dropped after gathering.
 
 The cache file is `<cache_dir>/<split>-<key>.pt`, where the key hashes the weights file's contents, the split's
 dataset fingerprint (which changes with the source files and with every select / filter / split that produced
@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from mrl import UserError
-from mrl.data import Collate, FillUnreadable
+from mrl.transforms import Collate, FillUnreadable
 
 
 def file_digest(path, chunk=1 << 20):
@@ -31,7 +31,7 @@ def file_digest(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
-def cache_key(weights_digest, split, dataset, preprocessing):
+def features_cache_key(weights_digest, split, dataset, preprocessing):
     """A short hex key for (weights, split, dataset rows, preprocessing)."""
     spec = {"weights": weights_digest, "split": split, "fingerprint": getattr(dataset, "_fingerprint", None),
             "rows": len(dataset), "preprocessing": preprocessing}
@@ -44,7 +44,7 @@ def extract(accelerator, backbone, dataset, batch_size=256, num_workers=0):
                                          shuffle=False, num_workers=num_workers, collate_fn=Collate(),
                                          pin_memory=torch.cuda.is_available())
     backbone.eval()
-    return embed(accelerator, backbone, accelerator.prepare(loader))
+    return embed_loader(accelerator, backbone, accelerator.prepare(loader))
 
 
 @torch.no_grad()
@@ -65,7 +65,7 @@ def embedded_batches(accelerator, backbone, loader, channels_last=False):
         yield z[y >= 0], y[y >= 0]
 
 
-def embed(accelerator, backbone, loader, channels_last=False):
+def embed_loader(accelerator, backbone, loader, channels_last=False):
     """embedded_batches concatenated: (features (n, D), labels (n,)) of the whole split, on the CPU."""
     batches = list(embedded_batches(accelerator, backbone, loader, channels_last))
     features, labels = torch.cat([z for z, _ in batches]), torch.cat([y for _, y in batches])

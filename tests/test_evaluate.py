@@ -14,8 +14,9 @@ import evaluate
 from conftest import DIGITS_FAST, run_script
 from mrl import UserError
 from mrl.checkpoint import load_model
-from mrl.data import ImageTransform, build_transform, load_splits
+from mrl.data import load_splits
 from mrl.features import extract
+from mrl.transforms import ImageTransform, build_transform
 from wandb_history import history, records
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
