@@ -150,10 +150,6 @@ def resolve_hub_args(args):
 
     if not get_token():
         raise UserError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
-    if args.hub_push_checkpoints:
-        from mrl.pretrained import register_checkpoint_pusher
-
-        register_checkpoint_pusher(args)
 
 
 def resolve_run_args(args, variant):

@@ -13,16 +13,13 @@ downloads and caches Hub repos; this module supplies how the model is rebuilt fr
 with it (the model card, metrics and plots), and errors that say in one line what went wrong (an unreachable Hub,
 a folder that is not a run). Files written by save_pretrained are read by evaluate.py like any run folder.
 
-At the end of training, `publish_run` writes the run's model card and, with --push_to_hub, uploads the run;
---hub_push_checkpoints also uploads every resumable checkpoint as it is saved (mrl/cli.py registers it).
+Putting a training run on the Hub at its end (the card, the upload, checkpoint uploads) is mrl/publish.py.
 """
 
 import json
 import os
-import shlex
 import shutil
 import socket
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -30,17 +27,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-from huggingface_hub import HfApi, PyTorchModelHubMixin, constants, snapshot_download
+from huggingface_hub import PyTorchModelHubMixin, constants, snapshot_download
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import datasets
 from mrl import UserError
-from mrl.checkpoint import (AFTER_CHECKPOINT, CHECKPOINTS, CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, build_model,
-                            read_config, without_wrapper_prefixes)
-from mrl.data import build_transform, open_image
-from mrl.model_card import CARD_FILE, LIBRARY, PAPER, PLOTS, TAGS, build_card, write_card
+from mrl.checkpoint import CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, build_model, read_config, without_wrapper_prefixes
+from mrl.transforms import build_transform, open_image
+from mrl.model_card import CARD_FILE, LIBRARY, PAPER, PLOTS, TAGS, build_card
 from mrl.models import default_dims
 
 # What travels with a model to the Hub and back, besides the weights and config: its card, the training metrics and
@@ -91,7 +87,7 @@ class MatryoshkaEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, t
         except Exception as e:  # huggingface_hub and the network raise many types
             where = f"{name} is not a local folder, and "
             why = (f"{problem}, and the model is not in the local Hugging Face cache" if problem
-                   else f"the Hub could not provide it ({_one_line(e)})")
+                   else f"the Hub could not provide it ({one_line(e)})")
             raise UserError(where + why) from None
 
     @classmethod
@@ -152,7 +148,7 @@ class MatryoshkaEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, t
         try:
             return super().push_to_hub(repo_id, **kwargs)
         except Exception as e:
-            raise UserError(f"cannot push to {repo_id}: {_one_line(e)}") from None
+            raise UserError(f"cannot push to {repo_id}: {one_line(e)}") from None
 
     # ---- using the model
 
@@ -265,7 +261,7 @@ class ImageList(torch.utils.data.Dataset):
                                next((c for c in ("image", "img") if c in images.column_names), None))
             if self.column is None:
                 raise UserError(f"the dataset has no image column (columns: {', '.join(images.column_names)})")
-            # undecoded cells, opened by mrl.data.open_image like every other image here (EXIF rotation, RGB)
+            # undecoded cells, opened by mrl.transforms.open_image like every other image here (EXIF rotation, RGB)
             self.items = (images.with_format(None).select_columns([self.column])
                           .cast_column(self.column, datasets.Image(decode=False)))
             self.names = list(range(len(images)))
@@ -355,89 +351,8 @@ def hub_unreachable(timeout=5):
     return None
 
 
-def _one_line(e):
+def one_line(e):
+    """An exception as one line of an error message: its type and the first line of what it says."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
-
-# ---- the end of a training run: the model card, and the Hub
-
-def training_command(script):
-    """The command line that started this process, when it ran `script` (None when called from other code)."""
-    if os.path.basename(sys.argv[0]) != script:
-        return None
-    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` for the processes it starts
-        launcher = "accelerate launch"
-    elif "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's
-        launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', 1)}"
-    else:
-        launcher = "python"
-    return f"{launcher} {shlex.join([script, *sys.argv[1:]])}"
-
-
-def publish_run(args, accelerator, script):
-    """After a training script saved its model and metrics: write the run's model card, and with --push_to_hub
-    upload the run (after any checkpoint uploads still running). Main process only; an upload that fails raises a
-    one-line UserError and leaves the run folder as it is."""
-    if not accelerator.is_main_process:
-        return
-    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    command = training_command(script)
-    if command and accelerator.num_processes > 1:
-        command += f"   # on {accelerator.num_processes} processes"
-    card = write_card(args.output_dir, command, repo_id if args.push_to_hub else None)
-    print(f"saved the model card {card}")
-    if not args.push_to_hub:
-        return
-    pusher = AFTER_CHECKPOINT.pop(args.output_dir, None)
-    if pusher is not None:
-        pusher.wait()
-    hint = (f"the run is saved in {args.output_dir}; upload it later with: python -c \"from mrl.pretrained import "
-            f"MatryoshkaEncoder; MatryoshkaEncoder.from_pretrained('{args.output_dir}').push_to_hub('{repo_id}')\"")
-    try:
-        model = MatryoshkaEncoder.from_pretrained(args.output_dir, device="cpu")
-        url = model.push_to_hub(repo_id, private=args.hub_private or None, commit_message="End of training")
-    except UserError as e:
-        raise UserError(f"{e}; {hint}") from None
-    print(f"pushed {args.output_dir} to the Hub: {url}")
-
-
-class CheckpointPusher:
-    """--hub_push_checkpoints: after each checkpoint is saved, upload it in the background to `checkpoints/` of the
-    run's Hub repo, replacing the one uploaded before (as transformers' hub_strategy="checkpoint"), so a preempted
-    run can resume on another machine: download `checkpoints/` into its --output_dir and pass
-    --resume_from_checkpoint latest. A failed upload is reported and training goes on."""
-
-    def __init__(self, output_dir, repo_id, private):
-        self.output_dir, self.repo_id, self.private = output_dir, repo_id, private
-        self.api, self.created, self.pending = HfApi(), None, []
-
-    def __call__(self, checkpoint):
-        name = os.path.basename(checkpoint)
-        problem = hub_unreachable()
-        if problem:
-            print(f"warning: checkpoint {name} not pushed: {problem}", file=sys.stderr)
-            return
-        try:
-            if self.created is None:
-                self.created = self.api.create_repo(self.repo_id, private=self.private or None, exist_ok=True).repo_id
-            future = self.api.upload_folder(
-                repo_id=self.created, folder_path=os.path.join(self.output_dir, CHECKPOINTS), path_in_repo=CHECKPOINTS,
-                allow_patterns=[f"{name}/*"], delete_patterns=["*"], commit_message=f"Training in progress, {name}",
-                run_as_future=True)
-        except Exception as e:
-            print(f"warning: checkpoint {name} not pushed: {_one_line(e)}", file=sys.stderr)
-            return
-        future.add_done_callback(lambda f: f.exception() and print(
-            f"warning: checkpoint {name} not pushed: {_one_line(f.exception())}", file=sys.stderr))
-        self.pending.append(future)
-
-    def wait(self):
-        for future in self.pending:
-            future.exception()  # waits; failures were reported by the callback
-
-
-def register_checkpoint_pusher(args):
-    """Called by cli.resolve_run_args for --hub_push_checkpoints: upload each checkpoint this run saves."""
-    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    AFTER_CHECKPOINT[args.output_dir] = CheckpointPusher(args.output_dir, repo_id, args.hub_private)

@@ -1,6 +1,7 @@
-"""mrl.pretrained and mrl.model_card on the digits run the training script wrote (the session's `trained` run):
-loading, bit-identical save/load, encoding at every prefix, classifying with the heads, the model card, and the
-Hub push up to the network (the Hub is unreachable here, and the tests point it at a closed port anyway)."""
+"""mrl.pretrained, mrl.publish and mrl.model_card on the digits run the training script wrote (the session's
+`trained` run): loading, bit-identical save/load, encoding at every prefix, classifying with the heads, the model
+card, and the Hub push up to the network (the Hub is unreachable here, and the tests point it at a closed port
+anyway)."""
 
 import argparse
 import concurrent.futures
@@ -26,11 +27,13 @@ import evaluate
 import train_ssl
 import train_supervised
 from mrl import UserError, cli
-from mrl.checkpoint import AFTER_CHECKPOINT, load_model, save_checkpoint
-from mrl.data import Collate, ImageTransform, load_splits
+from mrl.checkpoint import load_model, save_checkpoint
+from mrl.data import load_splits
 from mrl.model_card import update_card_with_evaluation
 from mrl.models import build_backbone
-from mrl.pretrained import MatryoshkaEncoder, eval_transform, publish_run, register_checkpoint_pusher
+from mrl.pretrained import MatryoshkaEncoder, eval_transform
+from mrl.publish import checkpoint_pusher, publish_run
+from mrl.transforms import Collate, ImageTransform
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
 pytestmark = pytest.mark.xdist_group("test_pretrained")
@@ -260,28 +263,26 @@ def test_each_checkpoint_is_pushed_in_the_background_and_a_failure_does_not_stop
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
                         lambda self, repo_id, **kw: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    monkeypatch.setattr("mrl.pretrained.hub_unreachable", lambda: None)
+    monkeypatch.setattr("mrl.publish.hub_unreachable", lambda: None)
     output_dir = str(tmp_path / "out")
-    args = argparse.Namespace(output_dir=output_dir, hub_model_id="someone/x", hub_private=False)
-    register_checkpoint_pusher(args)
-    try:
-        accelerator = Accelerator(cpu=True)
-        first = save_checkpoint(accelerator, output_dir, 7, keep=2)
-        (upload,) = uploads
-        assert upload["repo_id"] == "someone/x" and upload["run_as_future"]
-        assert upload["folder_path"] == os.path.join(output_dir, "checkpoints")
-        assert upload["path_in_repo"] == "checkpoints"
-        # only the new checkpoint is sent, and the Hub's older ones are deleted in the same commit
-        assert upload["allow_patterns"] == [f"{os.path.basename(first)}/*"] and upload["delete_patterns"] == ["*"]
-        monkeypatch.setattr("mrl.pretrained.hub_unreachable", lambda: "cannot reach the Hugging Face Hub at x")
-        stderr = io.StringIO()
-        with contextlib.redirect_stderr(stderr):
-            second = save_checkpoint(accelerator, output_dir, 14, keep=2)
-        assert os.path.isdir(second) and len(uploads) == 1
-        assert stderr.getvalue() == ("warning: checkpoint step_00000014 not pushed: cannot reach the Hugging Face Hub "
-                                     "at x\n")
-    finally:
-        AFTER_CHECKPOINT.pop(output_dir, None)
+    args = argparse.Namespace(output_dir=output_dir, hub_model_id="someone/x", hub_private=False,
+                              hub_push_checkpoints=True)
+    pusher = checkpoint_pusher(args)
+    accelerator = Accelerator(cpu=True)
+    first = save_checkpoint(accelerator, output_dir, 7, keep=2, after_save=pusher)
+    (upload,) = uploads
+    assert upload["repo_id"] == "someone/x" and upload["run_as_future"]
+    assert upload["folder_path"] == os.path.join(output_dir, "checkpoints")
+    assert upload["path_in_repo"] == "checkpoints"
+    # only the new checkpoint is sent, and the Hub's older ones are deleted in the same commit
+    assert upload["allow_patterns"] == [f"{os.path.basename(first)}/*"] and upload["delete_patterns"] == ["*"]
+    monkeypatch.setattr("mrl.publish.hub_unreachable", lambda: "cannot reach the Hugging Face Hub at x")
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        second = save_checkpoint(accelerator, output_dir, 14, keep=2, after_save=pusher)
+    assert os.path.isdir(second) and len(uploads) == 1
+    assert stderr.getvalue() == ("warning: checkpoint step_00000014 not pushed: cannot reach the Hugging Face Hub "
+                                 "at x\n")
 
 
 def test_evaluate_writes_its_per_dim_results_into_the_card(run, tmp_path):
