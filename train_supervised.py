@@ -15,25 +15,21 @@ examples:
 
 import argparse
 import json
-import math
 import os
-import time
 
 import torch
 
 from mrl import UserError, cli, plots
-from mrl.checkpoint import (TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model,
-                            write_config)
-from mrl.data import Collate, FillUnreadable, attach_transforms, get_preset, load_splits
-from mrl.guards import LossGuard, Preemption, ignore_signals_in_worker
-from mrl.loop import (StepMeter, accumulation_scale, after_optimizer_step, build_accelerator, check_readable,
-                      count_batch, end_epoch, epoch_batches, log_train_losses)
+from mrl.checkpoint import save_model
 from mrl.losses import dim_weights, per_head_cross_entropy
+from mrl.loop import train_one_epoch
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
-from mrl.pretrained import publish_run
+from mrl.publish import checkpoint_pusher
+from mrl.run import data_loader, end_run, load_data, resolve_preset, start_run, start_tracking, steps_per_epoch
+from mrl.run_config import run_config
 from mrl.schedules import exponential_schedule
-from mrl.tracking import (finish_tracking, init_tracking, log_history_row, log_image_files, log_model_artifact,
-                          log_per_dim_table, log_summary, wandb_info)
+from mrl.tracking import log_history_row, log_image_files, log_per_dim_table, log_summary
+from mrl.transforms import attach_transforms
 
 
 def get_args_parser():
@@ -69,36 +65,18 @@ def get_args_parser():
 
 
 def main(args):
-    preset = get_preset(args.dataset)
-    args.model = args.model or preset.model
-    args.image_size = args.image_size or preset.image_size
-    cli.resolve_run_args(args, "supervised_" + ("baseline" if args.baseline else "mrl-e" if args.tied else "mrl"))
-
-    accelerator = build_accelerator(args)  # --batch_size is the global batch, split over the processes
-    preemption = Preemption(accelerator)
-    resuming = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) is not None
-    cli.check_output_dir(args, resuming=resuming, is_main=accelerator.is_main_process)
+    preset = resolve_preset(args, "supervised_" + ("baseline" if args.baseline else "mrl-e" if args.tied else "mrl"))
+    pusher = checkpoint_pusher(args)  # with --hub_push_checkpoints: every checkpoint saved is uploaded
+    run = start_run(args, after_save=pusher)  # --batch_size is the global batch, split over the processes
+    accelerator, state = run.accelerator, run.state
 
     # ---- data: train / validation / test, decoded and augmented lazily in the DataLoader workers
-    with accelerator.main_process_first():
-        splits = load_splits(args.dataset, args.dataset_path, seed=args.seed, val_fraction=args.val_fraction,
-                             test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
-                             max_eval_samples=args.max_eval_samples, min_image_size=args.min_image_size)
+    splits = load_data(run)
     train_transform = attach_transforms(splits, preset.augment, args.image_size, preset.mean, preset.std, args.seed)
     eval_batch_size = args.batch_size * args.grad_accum_steps  # no activations kept for backward: bigger batches fit
-    # Training batches are whole: on N processes Accelerate would pad an epoch's last, incomplete batch with images
-    # repeated from its start, so that step would not be the one a single process takes (an epoch leaves out fewer
-    # than --batch_size images, others each epoch).
-    loader = lambda ds, batch_size, train: torch.utils.data.DataLoader(  # noqa: E731
-        FillUnreadable(ds, evaluation=not train), batch_size=batch_size, shuffle=train, drop_last=train,
-        num_workers=args.num_workers, collate_fn=Collate(), pin_memory=torch.cuda.is_available(),
-        worker_init_fn=ignore_signals_in_worker)
-    train_loader = loader(splits.train, args.batch_size, True)
-    if len(train_loader) == 0:
-        raise UserError(f"{len(splits.train)} training images are fewer than one batch of --batch_size "
-                        f"{args.batch_size}")
-    val_loader = loader(splits.val, eval_batch_size, False)
-    test_loader = loader(splits.test, eval_batch_size, False) if splits.test is not None else None
+    train_loader = data_loader(args, splits.train, args.batch_size, train=True)
+    val_loader = data_loader(args, splits.val, eval_batch_size, train=False)
+    test_loader = data_loader(args, splits.test, eval_batch_size, train=False) if splits.test is not None else None
 
     # ---- model: backbone + one linear head per prefix dim (a single full-width head for the baseline)
     cifar_stem = {"auto": None, "on": True, "off": False}[args.cifar_stem]
@@ -118,27 +96,25 @@ def main(args):
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     test_loader = accelerator.prepare(test_loader) if test_loader is not None else None
     loss_weights = loss_weights.to(accelerator.device)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    steps = steps_per_epoch(args, train_loader)
+    lr_schedule = exponential_schedule(args.lr, args.lr_gamma, args.epochs, steps)  # per optimizer step, precomputed
+    run.resume()
 
-    # The learning rate of every optimizer step, precomputed; an epoch ends with a step even when its last
-    # accumulation group is incomplete.
-    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
-    lr_schedule = exponential_schedule(args.lr, args.lr_gamma, args.epochs, steps_per_epoch)
-    resumed = load_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
-    if resumed:
-        accelerator.print(f"resumed from {resumed}: epoch {state.epoch}, step {state.step}, batch {state.batch_in_epoch}")
+    def forward(batch):  # the sum of the heads' cross-entropies, each weighted by its dim's --dim_weights
+        _, logits = model(batch["pixel_values"])
+        per_dim = per_head_cross_entropy(logits, batch["labels"])
+        return (loss_weights * per_dim).sum(), per_dim
+
     parameters = sum(p.numel() for p in model.parameters())
     split_sizes = {"train": len(splits.train), "val": len(splits.val),
                    "test": len(splits.test) if splits.test is not None else 0}
-    init_tracking(accelerator, args, state, {  # the flags, and what the code derived from them
-        **vars(args), "dims": dims, "embed_dim": backbone.embed_dim, "num_classes": len(splits.class_names),
-        "split_sizes": split_sizes, "parameters": parameters, "steps_per_epoch": steps_per_epoch,
-        "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-        "accuracy_at_chance": 1 / len(splits.class_names)}, relog=lambda row: validation_log(dims, row))
-    config = {**model_config(args, backbone, dims, splits, preset), "wandb": wandb_info(state, args)}
-    if accelerator.is_main_process:  # now, not only at the end: the run's checkpoints can be evaluated with it
-        write_config(args.output_dir, config)
+    heads = {"dims": dims, "num_classes": len(splits.class_names), "tied": args.tied, "baseline": args.baseline}
+    config = start_tracking(run, {  # what the code derived from the flags, next to them on the W&B page
+        "dims": dims, "embed_dim": backbone.embed_dim, "num_classes": len(splits.class_names),
+        "split_sizes": split_sizes, "parameters": parameters, "steps_per_epoch": steps,
+        "accuracy_at_chance": 1 / len(splits.class_names)},
+        run_config(args, backbone, splits, preset.mean, preset.std, preset.augment, heads=heads),
+        relog=lambda row: validation_log(dims, row))
     accelerator.print(
         f"{args.dataset}: {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test) if splits.test is not None else 0} test images, {len(splits.class_names)} classes"
@@ -146,22 +122,20 @@ def main(args):
            if splits.dropped else "")
         + f"\n{args.model}: embedding {backbone.embed_dim}, heads at dims {dims}"
         + f"{' (MRL-E, tied)' if args.tied else ''}, {parameters:,} parameters"
-        + f"\n{args.epochs} epochs x {steps_per_epoch} optimizer steps, {accelerator.num_processes} process(es), "
-        + f"mixed precision: {accelerator.mixed_precision}, output: {args.output_dir}")
+        + f"\n{args.epochs} epochs x {steps} optimizer steps, "
+        + f"{accelerator.num_processes} process(es), mixed precision: {accelerator.mixed_precision}, "
+        + f"output: {args.output_dir}")
 
-    # ---- train
-    for epoch in range(state.epoch, args.epochs):
-        train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, dims, loss_weights,
-                        lr_schedule, state, epoch, preemption)
+    # ---- train; the heads' validation accuracy after every epoch
+    for epoch in run.epochs():
+        train_one_epoch(run, model, optimizer, train_loader, train_transform, lr_schedule, dims, loss_weights,
+                        forward)
         val = evaluate(accelerator, model, val_loader, dims)
-        state.epoch, state.batch_in_epoch = epoch + 1, 0
         state.history.append({"epoch": epoch + 1, "step": state.step, "val_accuracy": val["accuracy"],
                               "val_loss": val["loss"]})
         log_history_row(accelerator, state, validation_log(dims, state.history[-1]), step=state.step)
         accelerator.print(f"epoch {epoch + 1}: val accuracy " + "  ".join(
             f"d{d} {a:.3f}" for d, a in zip(dims, val["accuracy"])))
-        if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
 
     # ---- final evaluation, model and reports
     val = evaluate(accelerator, model, val_loader, dims, keep_embeddings=2000)
@@ -169,65 +143,8 @@ def main(args):
     save_model(accelerator, model, args.output_dir, config)
     if accelerator.is_main_process:
         write_reports(args, accelerator, dims, val, test, state, splits.class_names)
-    log_model_artifact(accelerator, args, state,
-                       {"dims": dims, "dataset": args.dataset, "backbone": args.model,
-                        "test_accuracy": test["accuracy"] if test else None})
-    finish_tracking(accelerator)
-    accelerator.end_training()
-    publish_run(args, accelerator, "train_supervised.py")  # the model card; with --push_to_hub, the upload
-
-
-def train_one_epoch(args, accelerator, model, optimizer, train_loader, train_transform, dims, loss_weights,
-                    lr_schedule, state, epoch, preemption):
-    model.train()
-    start = time.perf_counter()
-    batches, progress = epoch_batches(accelerator, train_loader, train_transform, state, epoch, args.epochs)
-    group_losses, skipped, loaded, unreadable = [], 0, 0, []
-    guard = LossGuard(accelerator.device)
-    meter = StepMeter(state.step)  # throughput and data-wait time between logs
-    for batch in meter.batches(batches):
-        skipped, loaded = skipped + batch["skipped"], loaded + len(batch["labels"])  # no device sync per batch
-        unreadable += batch["unreadable"]
-        check_readable(batch)
-        loss, per_dim, grad_norm = training_step(
-            accelerator, model, optimizer, batch, loss_weights, float(lr_schedule[state.step]), args.max_grad_norm,
-            accumulation_scale(state.batch_in_epoch, len(train_loader), args.grad_accum_steps),
-            measure_norm=(state.step + 1) % args.log_every == 0)
-        group_losses.append(per_dim)
-        if not count_batch(accelerator, state, guard, progress, loss):
-            continue  # mid accumulation group
-        if state.step % args.log_every == 0:
-            guard.check(accelerator)
-            log_train_losses(accelerator, progress, state, epoch, len(train_loader), dims, loss_weights, group_losses,
-                             float(lr_schedule[state.step - 1]), grad_norm, meter)
-        group_losses = []
-        after_optimizer_step(args, accelerator, state, guard, preemption)
-    progress.close()
-    guard.check(accelerator)
-    end_epoch(accelerator, skipped, loaded, epoch, state.step, time.perf_counter() - start, unreadable)
-
-
-def training_step(accelerator, model, optimizer, batch, loss_weights, lr, max_grad_norm, scale=1.0,
-                  measure_norm=False):
-    """One forward and backward pass; at the end of an accumulation group, the optimizer steps at `lr` after
-    clipping (once per step, not per micro-batch). `scale` multiplies the loss in backward (see
-    loop.accumulation_scale). Returns the loss and the per-head losses, detached, and the gradient norm before
-    clipping (a device tensor, read when logged) where the step clipped or `measure_norm` asked for it, else None."""
-    grad_norm = None
-    with accelerator.accumulate(model):
-        _, logits = model(batch["pixel_values"])
-        per_dim = per_head_cross_entropy(logits, batch["labels"])
-        loss = (loss_weights * per_dim).sum()
-        accelerator.backward(loss * scale if scale != 1.0 else loss)
-        if accelerator.sync_gradients:
-            for group in optimizer.param_groups:
-                group["lr"] = lr  # a Python float: a numpy scalar in the optimizer state would not reload
-            if max_grad_norm > 0 or measure_norm:  # an infinite threshold measures without clipping
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(),
-                                                        max_grad_norm if max_grad_norm > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad()
-    return loss.detach(), per_dim.detach(), grad_norm
+    end_run(run, {"dims": dims, "dataset": args.dataset, "backbone": args.model,
+                  "test_accuracy": test["accuracy"] if test else None}, "train_supervised.py")
 
 
 @torch.no_grad()
@@ -267,22 +184,6 @@ def validation_log(dims, row):
             "val/loss_mean_over_dims": sum(row["val_loss"]) / len(row["val_loss"]),
             **{f"val/accuracy_d{d}": a for d, a in zip(dims, row["val_accuracy"])},
             **{f"val/loss_d{d}": l for d, l in zip(dims, row["val_loss"])}}
-
-
-def model_config(args, backbone, dims, splits, preset):
-    """What evaluate.py needs to rebuild the model and its preprocessing (saved as config.json)."""
-    return {
-        "kind": "supervised",
-        "model": {"backbone": args.model, "embed_dim": backbone.embed_dim,
-                  "cifar_stem": getattr(backbone, "cifar_stem", None), "norm": args.norm},
-        "heads": {"dims": dims, "num_classes": len(splits.class_names), "tied": args.tied, "baseline": args.baseline,
-                  "class_names": splits.class_names},
-        "data": {"dataset": args.dataset, "dataset_path": args.dataset_path, "image_size": args.image_size,
-                 "mean": list(preset.mean), "std": list(preset.std), "augment": preset.augment, "seed": args.seed,
-                 "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
-                 "splits": splits.record},  # everything that defines the splits: evaluate.py rebuilds them from it
-        "args": vars(args),
-    }
 
 
 def write_reports(args, accelerator, dims, val, test, state, class_names):

@@ -15,14 +15,11 @@ from safetensors.torch import load_file
 from mrl import UserError
 from mrl.distributed import unwrap
 from mrl.models import MatryoshkaHeads, build_backbone
+from mrl.run_config import CONFIG_FILE, FORMAT_VERSION, weight_prefixes, write_config
 
-MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# output_dir -> callback(checkpoint folder), run by the main process after each complete checkpoint of that run
-# (mrl.pretrained registers the Hub upload of --hub_push_checkpoints here)
-AFTER_CHECKPOINT = {}
 
 
 class TrainState:
@@ -43,11 +40,12 @@ class TrainState:
         vars(self).update(state)
 
 
-def save_checkpoint(accelerator, output_dir, step, keep):
+def save_checkpoint(accelerator, output_dir, step, keep, after_save=None):
     """`accelerator.save_state` into `checkpoints/step_<step>`, keeping the newest `keep` checkpoints.
 
     The state is written to a `.tmp` folder and renamed when complete, so a run killed while saving never leaves
-    a folder that looks like a finished checkpoint.
+    a folder that looks like a finished checkpoint. `after_save(folder)`, when given, runs on the main process
+    once the checkpoint is complete (the Hub upload of --hub_push_checkpoints: mrl.publish.checkpoint_pusher).
     """
     root = os.path.join(output_dir, CHECKPOINTS)
     final = os.path.join(root, f"step_{step:08d}")
@@ -63,8 +61,8 @@ def save_checkpoint(accelerator, output_dir, step, keep):
         os.rename(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
-        if output_dir in AFTER_CHECKPOINT:
-            AFTER_CHECKPOINT[output_dir](final)
+        if after_save is not None:
+            after_save(final)
     accelerator.wait_for_everyone()
     return final
 
@@ -125,13 +123,6 @@ def _required_files(accelerator):
     return [MODEL_FILE, "optimizer.bin", f"random_states_{accelerator.process_index}.pkl", "custom_checkpoint_0.pkl"]
 
 
-def write_config(output_dir, config):
-    """config.json: written when training starts (so that the run's checkpoints can be evaluated while it runs or
-    after it stopped) and again with the final model."""
-    with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, **config}, f, indent=2)
-
-
 def save_model(accelerator, model, output_dir, config):
     """The trained model as safetensors plus the JSON config that load_model rebuilds it from. The keys are the
     module's own: without DDP's `module.` and torch.compile's `_orig_mod.`."""
@@ -168,16 +159,6 @@ def read_config(path):
     if config.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{file} has format version {config.get('format_version')}; this code reads {FORMAT_VERSION}")
     return config
-
-
-def weight_prefixes(config, checkpoint):
-    """Where the backbone and heads sit in a weights file: `backbone.*` and `heads.*` in a finished run's
-    model.safetensors; in a training checkpoint, the keys of the whole training model (for SSL runs the exported
-    encoder: the EMA target's backbone or the online one)."""
-    if not checkpoint or config.get("kind") != "ssl":
-        return "backbone.", "heads."
-    encoder = "target.module" if (config.get("ssl") or {}).get("exported") == "target" else "online"
-    return f"{encoder}.backbone.", None
 
 
 def load_model(path, device="cpu"):

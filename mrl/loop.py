@@ -1,45 +1,21 @@
-"""The bookkeeping both training scripts share around their own training step: the Accelerator they run under,
-where an epoch starts after a resume, progress, throughput and unreadable-image counts, and what happens after an
-optimizer step (checkpoint, preemption)."""
+"""The training epoch and step both training scripts run, each with its own loss: where an epoch starts after a
+resume, the step (forward under autocast, backward, clipping, the optimizer and learning rate, the after-step hook),
+progress, throughput, the train-loss log, unreadable-image counts, and what happens after an optimizer step
+(checkpoint, preemption)."""
 
+import math
 import time
 
 import torch
-from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from mrl import UserError
-from mrl.checkpoint import save_checkpoint
-from mrl.distributed import make_accelerator
-from mrl.guards import Preempted, write_preempted_marker
+from mrl.guards import LossGuard, Preempted, write_preempted_marker
 from mrl.tracking import mark_preempting
 
 
 UNREADABLE_SHOWN = 3  # how many unreadable images an epoch's summary names
-
-
-def build_accelerator(args, mixed_precision=None):
-    """The Accelerator both training scripts run under, after checking that --batch_size splits evenly over the
-    processes; seeds every RNG with --seed. Mixed precision: `mixed_precision` if given, else --mixed_precision, else
-    what `accelerate launch` (its flags or config file) or ACCELERATE_MIXED_PRECISION says (default: none).
-
-    split_batches: --batch_size is the global batch, so a run means the same thing on 1 or 8 processes. The seedable
-    sampler makes each epoch's order a function of (seed, epoch), which exact resume relies on. non_blocking: batches
-    are copied from pinned memory without making the host wait for the copy (and for the steps queued before it).
-    """
-    try:
-        accelerator = make_accelerator(
-            gradient_accumulation_steps=args.grad_accum_steps,
-            mixed_precision=mixed_precision or getattr(args, "mixed_precision", None),
-            log_with="wandb" if args.report_to == "wandb" else None,
-            dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True,
-                                                      data_seed=args.seed, non_blocking=True))
-    except ValueError as e:  # what Accelerate refuses, e.g. fp16 on a CPU: one line, not its traceback
-        raise UserError(f"Accelerate: {e}") from None
-    if args.batch_size % accelerator.num_processes:
-        raise UserError(f"--batch_size {args.batch_size} cannot be split evenly over {accelerator.num_processes} processes")
-    set_seed(args.seed)
-    return accelerator
 
 
 def epoch_batches(accelerator, train_loader, train_transform, state, epoch, epochs):
@@ -70,7 +46,7 @@ def accumulation_scale(batch_in_epoch, batches_in_epoch, accumulation_steps):
 
 def check_readable(batch):
     """Stop with one line when a training batch came out empty: no image of the whole split can be read (see
-    data.FillUnreadable, which fills in every unreadable one otherwise)."""
+    transforms.FillUnreadable, which fills in every unreadable one otherwise)."""
     if batch["labels"].numel() == 0:
         names = ", ".join(batch["unreadable"][:UNREADABLE_SHOWN])
         raise UserError(f"none of the training images could be read ({names}, ...): corrupt or empty files?")
@@ -90,17 +66,85 @@ def count_batch(accelerator, state, guard, progress, loss):
     return True
 
 
-def after_optimizer_step(args, accelerator, state, guard, preemption):
+def train_one_epoch(run, model, optimizer, loader, transform, lr_schedule, dims, weights, forward, after_step=None,
+                    logs=None):
+    """Train the epoch `run.state.epoch` from where the run stands (mid-epoch after a resume).
+
+    `forward(batch)` -> (loss, per-dim losses): the script's loss on one batch, called under autocast and the
+    accumulation context. `after_step(step)`, after each optimizer step (an SSL run's EMA target), returns values to
+    log with that step; `logs()` gives more at each train log (ReLIC's logit scale). `weights`: the per-dim loss
+    weights, for the logged total. `loader`: a DataLoader (with `transform`, the training transform its workers
+    read the epoch from) or a loader that draws its own batches (mrl.device_data.DeviceLoader).
+    """
+    args, accelerator, state, epoch = run.args, run.accelerator, run.state, run.state.epoch
+    model.train()  # every epoch: evaluation leaves the model in eval mode
+    start = time.perf_counter()
+    if hasattr(loader, "epoch_batches"):  # --data_on_device: gathered on the accelerator, no workers
+        batches, progress = loader.epoch_batches(accelerator, state, epoch, args.epochs)
+    else:
+        batches, progress = epoch_batches(accelerator, loader, transform, state, epoch, args.epochs)
+    group_losses, skipped, loaded, unreadable, step_logs = [], 0, 0, [], {}
+    guard = LossGuard(accelerator.device)  # NaN/inf loss: checked before logging and saving, no sync per step
+    meter = StepMeter(state.step)  # throughput and data-wait time between logs
+    for batch in meter.batches(batches):
+        skipped, loaded = skipped + batch["skipped"], loaded + len(batch["labels"])  # no device sync per batch
+        unreadable += batch["unreadable"]
+        check_readable(batch)
+        loss, per_dim, grad_norm, step_logs = training_step(
+            accelerator, model, optimizer, forward, batch, float(lr_schedule[state.step]), args.max_grad_norm,
+            state.step, accumulation_scale(state.batch_in_epoch, len(loader), args.grad_accum_steps),
+            measure_norm=(state.step + 1) % args.log_every == 0, after_step=after_step)
+        group_losses.append(per_dim)
+        if not count_batch(accelerator, state, guard, progress, loss):
+            continue  # mid accumulation group
+        if state.step % args.log_every == 0:
+            guard.check(accelerator)
+            extra = {key: float(value) for key, value in (logs() if logs else {}).items()}
+            log_train_losses(accelerator, progress, state, epoch, len(loader), dims, weights, group_losses,
+                             float(lr_schedule[state.step - 1]), grad_norm, meter, **step_logs, **extra)
+        group_losses = []
+        after_optimizer_step(run, guard)
+    progress.close()
+    guard.check(accelerator)
+    end_epoch(accelerator, skipped, loaded, epoch, state.step, time.perf_counter() - start, unreadable)
+
+
+def training_step(accelerator, model, optimizer, forward, batch, lr, max_grad_norm, step, scale=1.0,
+                  measure_norm=False, after_step=None):
+    """One forward and backward pass; at the end of an accumulation group the optimizer steps at `lr` after
+    clipping (once per step, not per micro-batch), and then `after_step(step)` runs. `scale` multiplies the loss in
+    backward (see accumulation_scale). Returns the loss and the per-dim losses, detached, the gradient norm before
+    clipping (a device tensor, read when logged) where the step clipped or `measure_norm` asked for it (else None),
+    and what `after_step` returned ({} on micro-batches that do not step)."""
+    grad_norm, logs = None, {}
+    with accelerator.accumulate(model):
+        loss, per_dim = forward(batch)
+        accelerator.backward(loss * scale if scale != 1.0 else loss)
+        if accelerator.sync_gradients:
+            for group in optimizer.param_groups:
+                group["lr"] = lr  # a Python float: a numpy scalar in the optimizer state would not reload
+            if max_grad_norm > 0 or measure_norm:  # an infinite threshold measures without clipping
+                grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                        max_grad_norm if max_grad_norm > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad()
+        if accelerator.sync_gradients and after_step is not None:
+            logs = after_step(step)
+    return loss.detach(), per_dim.detach(), grad_norm, logs
+
+
+def after_optimizer_step(run, guard):
     """Save a checkpoint every --checkpointing_steps steps; on a preemption signal save one and stop the run,
     leaving the PREEMPTED marker in the run folder and the W&B run marked as preempted (not finished).
     The loss guard is checked first, so a diverged model never replaces the last good checkpoint."""
-    stop = preemption.requested(accelerator)
+    args, accelerator, state = run.args, run.accelerator, run.state
+    stop = run.preemption.requested(accelerator)
     if stop or (args.checkpointing_steps != "epoch" and state.step % int(args.checkpointing_steps) == 0):
         guard.check(accelerator)
-        path = save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
+        path = run.save_checkpoint()
     if stop:
         if accelerator.is_main_process:
-            write_preempted_marker(args.output_dir, state.step, path, preemption.received or "another process's")
+            write_preempted_marker(args.output_dir, state.step, path, run.preemption.received or "another process's")
         mark_preempting(accelerator)
         accelerator.end_training()
         raise Preempted(f"saved {path} at step {state.step}; relaunch the same command with "

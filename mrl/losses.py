@@ -129,3 +129,46 @@ def byol_loss(prediction, target):
     """BYOL's normalized mean squared error, 2 - 2 cos(prediction, target), averaged over the batch."""
     with float32_similarities(prediction.device.type):
         return (2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1)).mean()
+
+
+def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+    """VICReg (Bardes, Ponce and LeCun, ICLR 2022): invariance (the mean squared error between the two views'
+    embeddings) + variance (a hinge keeping every feature's standard deviation over the batch at least 1, each view)
+    + covariance (the squared off-diagonal covariances over the batch divided by the width, each view), weighted
+    sim_coeff / std_coeff / cov_coeff (the paper's lambda, mu, nu: 25, 25, 1).
+
+    The statistics are the global batch's: on several processes both views are gathered with gradients (as the
+    paper's code gathers before its variance and covariance terms), so every process computes the one-process loss
+    of the whole batch. Float32, as the similarity losses above."""
+    with float32_similarities(z1.device.type):
+        z1, z2 = gather(z1.float()), gather(z2.float())
+        invariance = F.mse_loss(z1, z2)
+        variance = covariance = 0.0
+        for z in (z1, z2):
+            z = z - z.mean(0)
+            variance = variance + F.relu(1 - torch.sqrt(z.var(0) + 1e-4)).mean() / 2  # eps: the paper's code
+            cov = z.T @ z / (len(z) - 1)
+            covariance = covariance + off_diagonal(cov).pow(2).sum() / z.shape[1]
+        return sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+
+
+def barlow_twins_loss(z1, z2, lambd=0.0051):
+    """Barlow Twins (Zbontar et al., ICML 2021): the cross-correlation matrix C of the two views' embeddings, each
+    feature standardized over the batch (BatchNorm without affine parameters), driven to the identity:
+    sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2 (lambd: the authors' code's 0.0051, the paper's 5e-3).
+
+    Over the global batch: the paper's code standardizes with SyncBatchNorm and all-reduces C; gathering both views
+    with gradients first gives the same C on every process (lightly standardizes each process's share on its own and
+    averages the C's, which is another loss). Not divided by the width: every Matryoshka prefix reaches this loss
+    through the projector, so C is --proj_out_dim wide at every d and the prefixes' losses are of one size."""
+    with float32_similarities(z1.device.type):
+        z1, z2 = gather(z1.float()), gather(z2.float())
+        standardized = [(z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5) for z in (z1, z2)]
+        c = standardized[0].T @ standardized[1] / len(z1)
+        on_diagonal = (1 - c.diagonal()).pow(2).sum()
+        return on_diagonal + lambd * off_diagonal(c).pow(2).sum()
+
+
+def off_diagonal(matrix):
+    """The off-diagonal entries of a square matrix, flattened."""
+    return matrix[~torch.eye(len(matrix), dtype=torch.bool, device=matrix.device)]

@@ -34,15 +34,23 @@ NEST = ("backbone", "projector")
 
 
 class Projector(nn.Module):
-    """Two-layer MLP in_dim -> hidden_dim -> out_dim over nested prefixes; see the module docstring."""
+    """MLP in_dim -> hidden_dim (x layers - 1) -> out_dim over nested prefixes; see the module docstring. With
+    nest="projector" the prefixes are taken of the last hidden layer."""
 
-    def __init__(self, in_dim, hidden_dim=512, out_dim=64, nest="backbone", batchnorm=False, bias=False):
+    def __init__(self, in_dim, hidden_dim=512, out_dim=64, nest="backbone", batchnorm=False, bias=False, layers=2):
         super().__init__()
         if nest not in NEST:
             raise ValueError(f"nest must be one of {NEST}, got {nest!r}")
+        if layers < 2:
+            raise ValueError(f"a projector has at least 2 layers, got {layers}")
         self.nest = nest
         self.fc1 = nn.Linear(in_dim, hidden_dim, bias=bias and not batchnorm)
         self.norm = nn.BatchNorm1d(hidden_dim) if batchnorm else nn.Identity()
+        # More hidden layers (VICReg's and Barlow Twins' 3-layer expander) run after the nesting point, on full-width
+        # activations; a 2-layer projector has none, so its state-dict keys are what they always were.
+        self.hidden = nn.Sequential(*(module for _ in range(layers - 2) for module in (
+            nn.Linear(hidden_dim, hidden_dim, bias=bias and not batchnorm),
+            nn.BatchNorm1d(hidden_dim) if batchnorm else nn.Identity(), nn.ReLU())))
         self.fc2 = nn.Linear(hidden_dim, out_dim, bias=bias)
 
     @property
@@ -52,7 +60,7 @@ class Projector(nn.Module):
 
     def trunk(self, z):
         """The part before the nesting point, once on the full backbone output."""
-        return z if self.nest == "backbone" else F.relu(self.norm(self.fc1(z)))
+        return z if self.nest == "backbone" else self.hidden(F.relu(self.norm(self.fc1(z))))
 
     def forward(self, prefix):
         """The projection of a prefix of trunk(z), reading only its first d = prefix.shape[-1] columns of weights."""
@@ -60,7 +68,7 @@ class Projector(nn.Module):
         if self.nest == "projector":
             return F.linear(prefix, self.fc2.weight[:, :d], self.fc2.bias)
         hidden = F.linear(prefix, self.fc1.weight[:, :d], self.fc1.bias)
-        return self.fc2(F.relu(self.norm(hidden)))
+        return self.fc2(self.hidden(F.relu(self.norm(hidden))))
 
 
 def predictor(dim, hidden_dim):

@@ -243,7 +243,8 @@ def log_model_artifact(accelerator, args, state, metadata):
         return
     import wandb
 
-    from mrl.checkpoint import CONFIG_FILE, MODEL_FILE
+    from mrl.checkpoint import MODEL_FILE
+    from mrl.run_config import CONFIG_FILE
 
     artifact = wandb.Artifact(model_artifact_name(state.wandb_run_id), type="model", metadata=metadata)
     for name in (MODEL_FILE, CONFIG_FILE):

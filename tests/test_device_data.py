@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 
 import train_ssl
 from conftest import folder_with_unreadable_images, run_script
-from mrl.augment import BatchAugment, batch_seed
-from mrl.data import PRESETS, Collate, FillUnreadable, ImageTransform, load_splits
-from mrl.device_data import CACHE_FOLDER, DeviceLoader, cache_key, cached_decode, decode_transform
+from mrl import loop
+from mrl.data import PRESETS, load_splits
+from mrl.device_data import CACHE_FOLDER, DeviceLoader, cached_decode, decode_transform, decoded_cache_key
+from mrl.ssl_augment import BatchAugment, batch_seed
+from mrl.transforms import Collate, FillUnreadable, ImageTransform
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
 pytestmark = pytest.mark.xdist_group("test_device_data")
@@ -109,13 +111,13 @@ def test_the_decoded_cache_is_reused_and_keyed_by_split_seed_and_size(tmp_path):
     row = {"image": [train[7]["image"]], "label": [train[7]["label"]], "index": [7]}
     expected = ImageTransform(decode_transform(SIZE))(row)["pixel_values"][0]
     assert np.array_equal(first[0][7], expected.numpy()) and first[1][7] == train[7]["label"]
-    keys = {cache_key(train, SIZE), cache_key(train, 16),
-            cache_key(load_splits("digits", seed=1, max_train_samples=200).train, SIZE),
-            cache_key(load_splits("digits", seed=0, max_train_samples=201).train, SIZE),
-            cache_key(load_splits("digits", seed=0, val_fraction=0.2, max_train_samples=200).train, SIZE)}
+    keys = {decoded_cache_key(train, SIZE), decoded_cache_key(train, 16),
+            decoded_cache_key(load_splits("digits", seed=1, max_train_samples=200).train, SIZE),
+            decoded_cache_key(load_splits("digits", seed=0, max_train_samples=201).train, SIZE),
+            decoded_cache_key(load_splits("digits", seed=0, val_fraction=0.2, max_train_samples=200).train, SIZE)}
     assert len(keys) == 5
     # a damaged cache file is decoded again, not trusted
-    folder = tmp_path / CACHE_FOLDER / cache_key(train, SIZE)
+    folder = tmp_path / CACHE_FOLDER / decoded_cache_key(train, SIZE)
     (folder / "images.npy").write_bytes(b"truncated")
     third = cached_decode(train, SIZE, cache_dir=tmp_path, log=messages.append)
     assert "cannot be read" in messages[2] and np.array_equal(third[0], first[0])
@@ -127,18 +129,18 @@ def run_main(argv, losses):
     args = train_ssl.get_args_parser().parse_args([str(a) for a in argv])
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    step = train_ssl.training_step
+    step = loop.training_step
 
     def recording(*a, **k):
         result = step(*a, **k)
         losses.append(result[0].item())
         return result
 
-    train_ssl.training_step = recording
+    loop.training_step = recording
     try:
         train_ssl.main(args)
     finally:
-        train_ssl.training_step = step
+        loop.training_step = step
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 

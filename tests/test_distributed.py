@@ -11,8 +11,9 @@ import torch
 
 from conftest import DIGITS_FAST, folder_with_unreadable_images, run_script
 from mrl.checkpoint import load_model
-from mrl.data import Collate, attach_transforms, load_splits
-from mrl.loop import build_accelerator
+from mrl.data import load_splits
+from mrl.run import build_accelerator
+from mrl.transforms import Collate, attach_transforms
 from wandb_history import history, run_dirs
 
 # GroupNorm: no statistics over the batch, so 2 processes of 16 images compute what 1 process of 32 computes (up to

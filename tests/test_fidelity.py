@@ -22,7 +22,8 @@ import evaluate
 import train_ssl
 from conftest import ROOT
 from mrl.checkpoint import load_model
-from mrl.data import build_transform, load_splits, open_image
+from mrl.data import load_splits
+from mrl.transforms import build_transform, open_image
 from test_train_ssl import IN_PROCESS, run_main
 
 spec = importlib.util.spec_from_file_location("fidelity_ssl", ROOT / "benchmarks" / "fidelity_ssl.py")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mrl.losses import MatryoshkaLoss, byol_loss, nt_xent_loss, relic_loss
 from mrl.models import build_backbone
 from mrl.projectors import Projector
-from train_ssl import SSLModel
+from mrl.ssl_model import SSLModel
 
 
 def direct_relic(x, y, log_t, alpha, max_t=5.0):

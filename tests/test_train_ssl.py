@@ -4,6 +4,7 @@ The main ReLIC run and its resume run as subprocesses (the real command line, of
 BYOL runs call train_ssl.main in this process, so that hooks can watch the model while it trains.
 """
 
+import dataclasses
 import json
 import re
 import shutil
@@ -21,8 +22,11 @@ import train_ssl
 from conftest import run_script
 from mrl import UserError
 from mrl.checkpoint import list_checkpoints, load_model
-from mrl.data import IMAGENET_STATS, Collate, ImageTransform, build_transform, load_splits
+from mrl.data import IMAGENET_STATS, load_splits
+from mrl.methods import METHODS
 from mrl.retrieval import neighbor_metrics
+from mrl.ssl_model import SSLModel, build_model
+from mrl.transforms import Collate, ImageTransform, build_transform
 from wandb_history import config as wandb_config, history, run_dirs
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
@@ -150,7 +154,7 @@ def test_byol_trains_in_train_mode_after_eval_and_moves_the_target_once_per_opti
     and target -- runs in train mode, also after the kNN monitor put the backbone in eval mode. Under gradient
     accumulation the target moves once per optimizer step."""
     modes, losses, updates, knn_calls = [], [], [], []
-    forward, update, monitor = train_ssl.SSLModel.forward, train_ssl.SSLModel.update_target, train_ssl.knn_monitor
+    forward, update, monitor = SSLModel.forward, SSLModel.update_target, train_ssl.knn_monitor
 
     def recording_forward(self, *views):
         modes.append([m.training for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
@@ -158,8 +162,8 @@ def test_byol_trains_in_train_mode_after_eval_and_moves_the_target_once_per_opti
         losses.append(loss.item())
         return loss, per_dim
 
-    monkeypatch.setattr(train_ssl.SSLModel, "forward", recording_forward)
-    monkeypatch.setattr(train_ssl.SSLModel, "update_target", lambda self, step: updates.append(step) or update(self, step))
+    monkeypatch.setattr(SSLModel, "forward", recording_forward)
+    monkeypatch.setattr(SSLModel, "update_target", lambda self, step: updates.append(step) or update(self, step))
     monkeypatch.setattr(train_ssl, "knn_monitor", lambda *a: knn_calls.append(len(modes)) or monitor(*a))
     run_main([*IN_PROCESS, "--method", "byol", "--gpu_augment", "--grad_accum_steps", "2", "--epochs", "2",
               "--checkpointing_steps", "4", "--output_dir", tmp_path / "out"])
@@ -227,13 +231,13 @@ def test_simclr_pretrains_on_train_plus_unlabeled_with_the_seeds_projector_nesti
 
 
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    calls, nt_xent = [], train_ssl.nt_xent_loss
+    calls, nt_xent = [], METHODS["simclr"].loss
 
     def poisoned(a, b, temperature):  # finite for the first two steps (one call per dim), NaN from the third on
         calls.append(1)
         return nt_xent(a, b, temperature) * (float("nan") if len(calls) > 2 * len(DIMS) else 1.0)
 
-    monkeypatch.setattr(train_ssl, "nt_xent_loss", poisoned)
+    monkeypatch.setitem(METHODS, "simclr", dataclasses.replace(METHODS["simclr"], loss=poisoned))
     with pytest.raises(UserError, match="optimizer step 3"):
         run_main([*IN_PROCESS, "--method", "simclr", "--epochs", "1", "--checkpointing_steps", "2",
                   "--output_dir", tmp_path / "out"])
@@ -293,7 +297,7 @@ def test_sync_bn_synchronizes_every_batchnorm_of_the_model(method):
 
     args = train_ssl.get_args_parser().parse_args(["--method", method, "--proj_batchnorm", "on"])
     backbone = build_backbone("resnet18", 8)
-    model = train_ssl.build_model(args, backbone, Projector(512, 32, 8, batchnorm=True), [8, 512], [1.0, 1.0],
+    model = build_model(args, backbone, Projector(512, 32, 8, batchnorm=True), [8, 512], [1.0, 1.0],
                                   ema_schedule=[0.99] * 4, sync_bn=True)
     norms = [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and set(norms) == {"SyncBatchNorm"}

@@ -13,7 +13,8 @@ import train_supervised
 from conftest import DIGITS_FAST, run_script
 from test_data import make_image_folder
 from mrl.checkpoint import load_model
-from mrl.data import Collate, attach_transforms, load_splits
+from mrl.data import load_splits
+from mrl.transforms import Collate, attach_transforms
 from wandb_history import history, run_dirs
 
 DIMS = [8, 16, 32, 64, 128, 256, 512]

@@ -1,0 +1,153 @@
+"""A training run's bookkeeping, the same in both training scripts: the preamble (the dataset preset's defaults, the
+Accelerator, the output folder), the data loaders, the state a checkpoint saves and a resume restores, the epochs
+and their checkpoints, the W&B run and config.json at the start, and the end (artifact, tracking, Hub).
+
+Each script's main calls these in order and keeps what is its own: the model, the loss and the evaluation.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from accelerate.utils import DataLoaderConfiguration, set_seed
+
+from mrl import UserError, cli
+from mrl.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from mrl.data import get_preset, load_splits
+from mrl.distributed import make_accelerator
+from mrl.guards import Preemption, ignore_signals_in_worker
+from mrl.publish import publish_run
+from mrl.run_config import write_config
+from mrl.tracking import finish_tracking, init_tracking, log_model_artifact, wandb_info
+from mrl.transforms import Collate, FillUnreadable
+
+
+@dataclass
+class Run:
+    """What the training loop needs beyond the model: the flags, the Accelerator, where the run is (`state`, saved
+    in every checkpoint), the preemption watch, and what runs after each saved checkpoint (`after_save`: the Hub
+    upload of --hub_push_checkpoints, or None)."""
+    args: object
+    accelerator: object
+    preemption: Preemption
+    state: TrainState
+    after_save: Optional[Callable[[str], None]] = None
+
+    def save_checkpoint(self):
+        return save_checkpoint(self.accelerator, self.args.output_dir, self.state.step,
+                               self.args.checkpoints_total_limit, self.after_save)
+
+    def epochs(self):
+        """The epochs still to train; after each (the loop body: training and evaluation) the position moves to
+        the next epoch's start and, with --checkpointing_steps epoch, a checkpoint is saved."""
+        for epoch in range(self.state.epoch, self.args.epochs):
+            yield epoch
+            self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
+            if self.args.checkpointing_steps == "epoch":
+                self.save_checkpoint()
+
+    def resume(self):
+        """Register the state with the Accelerator (after `accelerator.prepare`) and restore the checkpoint
+        --resume_from_checkpoint names, if any."""
+        self.accelerator.register_for_checkpointing(self.state)
+        resumed = load_checkpoint(self.accelerator, self.args.output_dir, self.args.resume_from_checkpoint)
+        if resumed:
+            self.accelerator.print(f"resumed from {resumed}: epoch {self.state.epoch}, step {self.state.step}, "
+                                   f"batch {self.state.batch_in_epoch}")
+
+
+def resolve_preset(args, variant):
+    """The dataset preset, with its model and image size filled in where the flags leave them, and the flags that
+    depend on others resolved (`variant` names the run's default --output_dir; see cli.resolve_run_args)."""
+    preset = get_preset(args.dataset)
+    args.model = args.model or preset.model
+    args.image_size = args.image_size or preset.image_size
+    cli.resolve_run_args(args, variant)
+    return preset
+
+
+def start_run(args, after_save=None, mixed_precision=None):
+    """The Accelerator, the preemption watch and the output folder checked (a new run, or one to resume)."""
+    accelerator = build_accelerator(args, mixed_precision)
+    preemption = Preemption(accelerator)
+    resuming = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) is not None
+    cli.check_output_dir(args, resuming=resuming, is_main=accelerator.is_main_process)
+    return Run(args, accelerator, preemption, TrainState(), after_save)
+
+
+def build_accelerator(args, mixed_precision=None):
+    """The Accelerator both training scripts run under, after checking that --batch_size splits evenly over the
+    processes; seeds every RNG with --seed. Mixed precision: `mixed_precision` if given, else --mixed_precision, else
+    what `accelerate launch` (its flags or config file) or ACCELERATE_MIXED_PRECISION says (default: none).
+
+    split_batches: --batch_size is the global batch, so a run means the same thing on 1 or 8 processes. The seedable
+    sampler makes each epoch's order a function of (seed, epoch), which exact resume relies on. non_blocking: batches
+    are copied from pinned memory without making the host wait for the copy (and for the steps queued before it).
+    """
+    try:
+        accelerator = make_accelerator(
+            gradient_accumulation_steps=args.grad_accum_steps,
+            mixed_precision=mixed_precision or getattr(args, "mixed_precision", None),
+            log_with="wandb" if args.report_to == "wandb" else None,
+            dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True,
+                                                      data_seed=args.seed, non_blocking=True))
+    except ValueError as e:  # what Accelerate refuses, e.g. fp16 on a CPU: one line, not its traceback
+        raise UserError(f"Accelerate: {e}") from None
+    if args.batch_size % accelerator.num_processes:
+        raise UserError(f"--batch_size {args.batch_size} cannot be split evenly over {accelerator.num_processes} processes")
+    set_seed(args.seed)
+    return accelerator
+
+
+def load_data(run):
+    """The run's splits (train / validation / test, and STL-10's unlabeled), prepared by the main process first so
+    that the others read its cache."""
+    args = run.args
+    with run.accelerator.main_process_first():
+        return load_splits(args.dataset, args.dataset_path, seed=args.seed, val_fraction=args.val_fraction,
+                           test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
+                           max_eval_samples=args.max_eval_samples, min_image_size=args.min_image_size)
+
+
+def data_loader(args, dataset, batch_size, train):
+    """A DataLoader over `dataset` with unreadable images filled in (training) or masked (evaluation).
+
+    Training batches are whole: on N processes Accelerate would pad an epoch's last, incomplete batch with images
+    repeated from its start, so that step would not be the one a single process takes (an epoch leaves out fewer
+    than --batch_size images, others each epoch); a contrastive loss also compares within a batch."""
+    loader = torch.utils.data.DataLoader(
+        FillUnreadable(dataset, evaluation=not train), batch_size=batch_size, shuffle=train, drop_last=train,
+        num_workers=args.num_workers, collate_fn=Collate(), pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_signals_in_worker)
+    if train and len(loader) == 0:
+        raise UserError(f"{len(dataset)} training images are fewer than one batch of --batch_size {batch_size}")
+    return loader
+
+
+def steps_per_epoch(args, train_loader):
+    """Optimizer steps per epoch: an epoch ends with a step even when its last accumulation group is incomplete."""
+    return math.ceil(len(train_loader) / args.grad_accum_steps)
+
+
+def start_tracking(run, derived, config, relog):
+    """Start the W&B run (or continue its page on resume) with the flags and what the code `derived` from them, and
+    write config.json now, not only at the end: the run's checkpoints can be evaluated with it. Returns the config
+    with the W&B run's coordinates. `relog`: what a history row logs, for a resumed run to log again."""
+    accelerator = run.accelerator
+    init_tracking(accelerator, run.args, run.state, {
+        **vars(run.args), **derived, "processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision}, relog=relog)
+    config = {**config, "wandb": wandb_info(run.state, run.args)}
+    if accelerator.is_main_process:
+        write_config(run.args.output_dir, config)
+    return config
+
+
+def end_run(run, artifact_metadata, script):
+    """After the model and reports are saved: the W&B model artifact, the end of tracking and of the Accelerator,
+    then the model card (and with --push_to_hub the upload, waiting for --hub_push_checkpoints' uploads)."""
+    log_model_artifact(run.accelerator, run.args, run.state, artifact_metadata)
+    finish_tracking(run.accelerator)
+    run.accelerator.end_training()
+    publish_run(run.args, run.accelerator, script, run.after_save)
