@@ -5,10 +5,11 @@ The yardstick for train_ssl.py's epoch times (printed by train_ssl.py itself as 
 on the same machine in the same session. The seed's pipeline as its utils.get_dataset builds it: torchvision's CIFAR10
 holds the images decoded in memory as uint8 and hands each one to PIL and the wheel's two-view transform
 (aug.ViewGenerator(aug.get_training_transforms(32))) in the DataLoader workers; here the same array is decoded from
-the CIFAR-10 copy (the Hub's parquet layout), since torchvision's download cannot be reached offline. The step is
-its train.py's loop body (benchmarks/bench_ssl_step.py seed_step: the wheel's ReLIC, fp16 as its --fp16_precision,
-BatchNorm in train mode). Shuffled, batch 256, full batches, as reference.md E measured it (2,844 img/s = 17.6 s per
-epoch on an H200 with 8 workers).
+the CIFAR-10 copy (the Hub's parquet layout), since torchvision's download cannot be reached offline. The step and
+the loop are its train.py's, as benchmarks/mrl_pytorch.py restates them (the wheel's ReLIC, fp16 as its
+--fp16_precision, BatchNorm in train mode, the gamma schedule over the length train.py computes for --epochs).
+Shuffled, batch 256, full batches, as reference.md E measured it (2,844 img/s = 17.6 s per epoch on an H200 with 8
+workers).
 
 This process imports the seed's `mrl` package (its wheel first on sys.path), never ours.
 
@@ -20,20 +21,19 @@ import argparse
 import glob
 import io
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ssl_step import seed_step  # noqa: E402  (imports nothing of ours)
+import mrl_pytorch  # benchmarks/, beside this script; imports neither our mrl nor the seed's
 
 DEFAULT_CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10")
 
 
 def cifar10_train(path, max_samples):
-    """The train split as torchvision's CIFAR10 holds it: uint8 (N, 32, 32, 3) and labels."""
+    """The train split's images as torchvision's CIFAR10 holds them: uint8 (N, 32, 32, 3)."""
     import pyarrow.parquet as pq
     from PIL import Image
 
@@ -43,8 +43,8 @@ def cifar10_train(path, max_samples):
     table = pq.read_table(files)
     if max_samples:
         table = table.slice(0, max_samples)
-    images = [np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB")) for cell in table.column("img").to_pylist()]
-    return np.stack(images), np.asarray(table.column("label").to_pylist())
+    return np.stack([np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"))
+                     for cell in table.column("img").to_pylist()])
 
 
 def main():
@@ -59,41 +59,21 @@ def main():
     parser.add_argument("--seed_wheel_dir", default=os.path.join(tempfile.gettempdir(), "mrl_pytorch_0.1.1"),
                         help="where the seed's wheel is (downloaded there when missing)")
     args = parser.parse_args()
-    args.seed_wheel_dir, args.image_size = os.path.abspath(args.seed_wheel_dir), 32
 
-    step, device = seed_step(args)  # puts the seed's wheel first on sys.path
-    import torch
-    from PIL import Image
-
-    from mrl.aug import ViewGenerator, get_training_transforms  # the seed's
-
+    package = mrl_pytorch.import_wheel(os.path.abspath(args.seed_wheel_dir))
+    device = torch.device(args.device)
     start = time.perf_counter()
-    images, labels = cifar10_train(args.dataset_path, args.max_samples)
+    images = cifar10_train(args.dataset_path, args.max_samples)
     decode_seconds = time.perf_counter() - start
-
-    class CIFAR10(torch.utils.data.Dataset):  # torchvision.datasets.CIFAR10.__getitem__, over the same array
-        transform = ViewGenerator(get_training_transforms(32), 2)
-
-        def __len__(self):
-            return len(images)
-
-        def __getitem__(self, i):
-            return self.transform(Image.fromarray(images[i])), int(labels[i])
-
-    loader = torch.utils.data.DataLoader(CIFAR10(), batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(mrl_pytorch.TwoViews(package, images, 32), batch_size=args.batch_size,
+                                         shuffle=True, drop_last=True, num_workers=args.workers)
+    trainer = mrl_pytorch.Trainer(package, True, device, args.precision == "fp16",
+                                  mrl_pytorch.gamma_steps(len(loader), args.epochs))
     print(f"mrl-pytorch 0.1.1 end to end: CIFAR-10 {len(images)} images (decoded in {decode_seconds:.1f} s, before "
           f"timing), batch {args.batch_size}, {args.workers} workers, {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, precision {args.precision}, "
           f"torch {torch.__version__}")
-    global_step = 0
-    for epoch in range(args.epochs):
-        start, seen = time.perf_counter(), 0
-        for (x1, x2), _ in loader:
-            step(x1.to(device), x2.to(device), global_step)  # train.py: .to(device) per view, loss.item() per step
-            global_step, seen = global_step + 1, seen + len(x1)
-        seconds = time.perf_counter() - start
-        print(f"epoch {epoch + 1}: {seen} images in {seconds:.1f} s ({seen / seconds:,.1f} img/s)")
+    trainer.train(loader, args.epochs)  # prints "seed epoch N: I images in S s (R img/s), ..." per epoch
 
 
 if __name__ == "__main__":

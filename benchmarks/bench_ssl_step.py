@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""ReLIC + MRL training step: ours (train_ssl.training_step under Accelerate) vs mrl-pytorch 0.1.1's own code.
+"""ReLIC + MRL training step: ours (mrl.loop.training_step under Accelerate) vs mrl-pytorch 0.1.1's own code.
 
 Both sides train ResNet-18 with the CIFAR stem, projector 512 -> 512 -> 64, nested dims 8..512, Adam lr 3e-4
 wd 1e-5, an EMA target updated every step, on the same random batch of two views (the data pipeline is not timed:
-this is the step alone), at the same batch size and precision. mrl-pytorch's import package is also called `mrl`,
-so each side runs in its own subprocess: the seed's with its wheel (downloaded with `pip download --no-deps
-mrl-pytorch==0.1.1`, unzipped) first on sys.path, ours with this repository. Its training loop lives in its git repo's
-train.py, not in the wheel, so the seed's step below is train.py's loop body, calling the wheel's ReLIC, relic_loss
-and ResNet-18.
+this is the step alone), at the same batch size and precision. Both move the target on the seed's gamma schedule,
+over the length its train.py computes for its default run at this batch size (100 epochs of CIFAR-10's 50,000
+images; a timed round uses only its first steps). mrl-pytorch's import package is also called `mrl`, so each side
+runs in its own subprocess: the seed's as benchmarks/mrl_pytorch.py runs it (its wheel first on sys.path, its
+train.py's loop body around the wheel's ReLIC, relic_loss and ResNet-18), ours with this repository.
 
 mrl-pytorch's ReLIC puts the encoder in eval mode when it measures the feature size and nothing puts it back, so as
 shipped it trains with frozen BatchNorm statistics (a bug; see the README). `seed` runs it in train mode, the same
@@ -19,7 +19,6 @@ in machine load hits both alike; the table shows the median of the rounds.
 """
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -27,10 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
+
+import mrl_pytorch  # benchmarks/, beside this script; imports neither our mrl nor the seed's
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED_PACKAGE = "mrl-pytorch==0.1.1"
+CIFAR10_TRAIN = 50_000  # training images
 
 
 def get_args_parser():
@@ -55,19 +55,9 @@ def get_args_parser():
     return parser
 
 
-def seed_wheel(folder):
-    """The unzipped mrl-pytorch 0.1.1 wheel (downloaded on first use), to put first on sys.path."""
-    unpacked = os.path.join(folder, "unpacked")
-    if not os.path.isfile(os.path.join(unpacked, "mrl", "mrl.py")):
-        os.makedirs(folder, exist_ok=True)
-        wheels = glob.glob(os.path.join(folder, "mrl_pytorch-0.1.1-*.whl"))
-        if not wheels:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SEED_PACKAGE, "-d", folder],
-                           check=True, stdout=subprocess.DEVNULL)
-            wheels = glob.glob(os.path.join(folder, "mrl_pytorch-0.1.1-*.whl"))
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            wheel.extractall(unpacked)
-    return unpacked
+def gamma_steps(args):
+    """The length of the seed's gamma schedule (mrl_pytorch.gamma_steps) in its default run at this batch size."""
+    return mrl_pytorch.gamma_steps(CIFAR10_TRAIN // args.batch_size, mrl_pytorch.EPOCHS)
 
 
 def batches(args, torch, device):
@@ -92,54 +82,14 @@ def time_steps(args, torch, step, device):
 
 def run_seed(args, as_shipped):
     """mrl-pytorch 0.1.1: the loop body of its train.py around the wheel's ReLIC (nesting on the projector)."""
-    import torch
-
-    step, device = seed_step(args, as_shipped)
-    return time_steps(args, torch, step, device)
-
-
-def seed_step(args, as_shipped=False):
-    """(step(x1, x2, global_step), device): mrl-pytorch 0.1.1's training step, from its wheel (put first on sys.path
-    here: call it in a process that has not imported our mrl)."""
-    sys.path.insert(0, seed_wheel(args.seed_wheel_dir))
-    import torch
-
-    import mrl
-    from mrl import ReLIC, relic_loss
-    from mrl.encoders import resnet18
-
-    assert os.path.dirname(mrl.__file__).startswith(args.seed_wheel_dir), mrl.__file__  # not our mrl/
-    device = torch.device(args.device)
-    model = ReLIC(resnet18(modify_model=args.image_size < 64), proj_out_dim=64).to(device)
-    if not as_shipped:
-        model.train()
-    params = list(model.online_encoder.parameters()) + [model.t_prime]
-    optimizer = torch.optim.Adam(params, lr=3e-4, weight_decay=1e-5)
-    fp16 = args.precision == "fp16"
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    gamma, base, total_steps = [0.995], 0.995, 100_000  # train.py: update_gamma(k, K, tau_base), cosine to 1
-
-    def step(x1, x2, global_step):
-        with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
-            o1, o2, t1, t2 = model(x1, x2)
-            loss1 = torch.stack([relic_loss(o, t, model.t_prime, 1.0, max_tau=5.0) for o, t in zip(o1, t2)]).sum()
-            loss2 = torch.stack([relic_loss(o, t, model.t_prime, 1.0, max_tau=5.0) for o, t in zip(o2, t1)]).sum()
-            loss = (loss1 + loss2) / 2
-        optimizer.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if global_step > 1:
-            model.update_params(gamma[0])
-            k = torch.tensor(float(global_step))
-            gamma[0] = (1 - (1 - base) * (torch.cos(torch.pi * k / total_steps) + 1) / 2).item()
-        else:
-            model.copy_params()
-        loss.item()  # train.py accumulates the loss on the host every step
-
     if args.precision == "bf16":
         raise SystemExit("mrl-pytorch has no bf16 mode")
-    return step, device
+    import torch
+
+    package = mrl_pytorch.import_wheel(args.seed_wheel_dir)
+    trainer = mrl_pytorch.Trainer(package, args.image_size < 64, torch.device(args.device), args.precision == "fp16",
+                                  gamma_steps(args), bn_train=not as_shipped)
+    return time_steps(args, torch, lambda x1, x2, k: trainer.step(x1, x2), trainer.device)
 
 
 def run_ours(args, nest, memory_format):
@@ -149,27 +99,32 @@ def run_ours(args, nest, memory_format):
     from accelerate import Accelerator
 
     import mrl
+    from mrl.distributed import unwrap
+    from mrl.loop import training_step
     from mrl.models import build_backbone, default_dims
     from mrl.projectors import Projector
     from mrl.schedules import cosine_schedule
-    from train_ssl import SSLModel, training_step
+    from mrl.ssl_model import SSLModel
 
     assert os.path.dirname(mrl.__file__) == os.path.join(ROOT, "mrl"), mrl.__file__
     accelerator = Accelerator(mixed_precision=args.precision, cpu=args.device == "cpu")
     backbone = build_backbone("resnet18", args.image_size)
     projector = Projector(backbone.embed_dim, 512, 64, nest=nest)
     dims = default_dims(projector.nested_width)
-    model = SSLModel("relic", backbone, projector, dims, [1.0] * len(dims), cosine_schedule(0.995, 1.0, 1, 100_000))
+    model = SSLModel("relic", backbone, projector, dims, [1.0] * len(dims),
+                     cosine_schedule(mrl_pytorch.GAMMA, 1.0, 1, gamma_steps(args)))
     channels_last = memory_format == "channels_last"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-5)
     model, optimizer = accelerator.prepare(model, optimizer)
+    after_step = unwrap(accelerator, model).after_optimizer_step  # the EMA target's move
 
-    def step(x1, x2, k):  # what train_ssl.train_one_epoch does per batch, minus logging
+    def step(x1, x2, k):  # what train_ssl.py's epoch does per batch, minus logging
         if channels_last:
             x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
-        training_step(accelerator, model, optimizer, (x1, x2), 3e-4, 0.0, k)
+        training_step(accelerator, model, optimizer, lambda views: model(*views), (x1, x2), 3e-4, 0.0, k,
+                      after_step=after_step)
 
     return time_steps(args, torch, step, accelerator.device)
 
@@ -188,7 +143,7 @@ def worker(args):
 def main(args):
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if any(s.startswith("seed") for s in sides):
-        seed_wheel(args.seed_wheel_dir)  # download once, before any timing
+        mrl_pytorch.wheel(args.seed_wheel_dir)  # download once, before any timing
     results = {side: [] for side in sides}
     per_cpu_s = {side: [] for side in sides}
     passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker")] + ["--seed_wheel_dir", args.seed_wheel_dir]

@@ -5,12 +5,8 @@ On one data subset, resolution, batch, number of epochs and training seed, it tr
 
   ours                 train_ssl.py --method relic (nested on the backbone, its default)
   ours-nest-projector  train_ssl.py --method relic --nest projector (mrl-pytorch 0.1.1's nesting)
-  seed                 mrl-pytorch 0.1.1 itself: its wheel's ReLIC model, relic_loss, ResNet-18 (CIFAR stem) and
-                       two-view augmentation, driven by a minimal re-statement of its git head's training loop
-                       (run_training.py -> train.py: Adam over the online encoder and t', GradScaler fp16 on a GPU,
-                       the target copied up to step 1 and then moved with the gamma of the previous update, gamma on
-                       a cosine from 0.995 towards 1 over len(loader) * (epochs + 2) - 1 steps). It runs in its own
-                       process, because its import package is also called `mrl`; the encoder it saves (the EMA
+  seed                 mrl-pytorch 0.1.1 itself, as benchmarks/mrl_pytorch.py runs it: its wheel's model, loss and
+                       augmentation, its train.py loop, in a process of its own. The encoder it saves (the EMA
                        target's) is exported into this repo's model.safetensors + config.json, with mean 0 / std 1
                        in the config, so evaluation feeds it [0, 1] pixels as the seed did
   untrained            train_ssl.py --lr 0 --epochs 1: BatchNorm statistics calibrated on the training images,
@@ -39,9 +35,7 @@ fidelity.md, and the table on stdout; parts.json holds each part's wall-clock se
 """
 
 import argparse
-import glob
 import json
-import math
 import os
 import random
 import shlex
@@ -49,14 +43,14 @@ import statistics
 import subprocess
 import sys
 import time
-import zipfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, also when a test imports this file
+import mrl_pytorch  # noqa: E402  (imports neither our mrl nor the seed's)
+from mrl_pytorch import resnet_child_names, seed_to_ours  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED_PACKAGE = "mrl-pytorch==0.1.1"
 BUILTIN_SIDES = ("ours", "ours-nest-projector", "seed", "untrained", "seed-bn-train", "seed-online", "ours-online",
                  "seed-untrained")
-# mrl-pytorch's run_training.py defaults (its git head) for what this comparison does not vary
-SEED_GAMMA, SEED_ALPHA, SEED_MAX_TAU, SEED_PROJ_OUT, SEED_COPY_UNTIL, SEED_EVERY = 0.995, 1.0, 5.0, 64, 1, 1
 METRICS = (("probe", "linear probe"), ("knn", "kNN"), ("pca_probe", "PCA-d probe"))
 
 
@@ -101,7 +95,8 @@ def get_args_parser():
                        help="evaluate.py: cap the validation and test splits (default: all 10,000 test images)")
     group.add_argument("--output_dir", default=os.path.join(ROOT, "runs", "fidelity"), help="runs, results and table")
     group.add_argument("--seed_wheel_dir", default=os.path.join(ROOT, ".whl", "seed"),
-                       help=f"where {SEED_PACKAGE}'s wheel is (downloaded with pip download --no-deps if missing)")
+                       help=f"where {mrl_pytorch.PACKAGE}'s wheel is (downloaded with pip download --no-deps if "
+                            "missing)")
     group.add_argument("--table_only", action="store_true", help="print the table from the finished parts, run nothing")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run a seed job (JSON file)
     return parser
@@ -111,123 +106,33 @@ def get_args_parser():
 # The seed's side. Everything from here to `main` runs in the worker process with mrl-pytorch's wheel first on
 # sys.path, so nothing here may import this repository's `mrl`.
 
-def seed_wheel(folder):
-    """The unzipped mrl-pytorch 0.1.1 wheel (downloaded on first use), to put first on sys.path."""
-    unpacked = os.path.join(folder, "unpacked")
-    if not os.path.isfile(os.path.join(unpacked, "mrl", "mrl.py")):
-        os.makedirs(folder, exist_ok=True)
-        wheels = glob.glob(os.path.join(folder, "mrl_pytorch-0.1.1-*.whl"))
-        if not wheels:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SEED_PACKAGE, "-d", folder],
-                           check=True)
-            wheels = glob.glob(os.path.join(folder, "mrl_pytorch-0.1.1-*.whl"))
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            wheel.extractall(unpacked)
-    return unpacked
-
-
-def seed_gamma(k, total, base):
-    """train.py's update_gamma: the cosine from `base` up to 1 over `total` steps (ReLIC's schedule)."""
-    return 1 - (1 - base) * (math.cos(math.pi * k / total) + 1) / 2
-
-
-def resnet_child_names():
-    """Names of the children of a torchvision ResNet that mrl-pytorch's encoder keeps, in order: its encoder is
-    nn.Sequential(*children[:-1] (all but fc), AdaptiveAvgPool2d(1), Squeeze()), so its state dict keys are
-    `<index>.<rest>`, where ours (mrl.models.ResNet) are `net.<child name>.<rest>`."""
-    import torchvision
-
-    return [name for name, _ in torchvision.models.resnet18(weights=None).named_children()][:-1]
-
-
-def seed_to_ours(state, names):
-    """An mrl-pytorch encoder state dict -> this repo's model.safetensors keys (`backbone.net.<child>.<rest>`)."""
-    out = {}
-    for key, value in state.items():
-        index, rest = key.split(".", 1)
-        out[f"backbone.net.{names[int(index)]}.{rest}"] = value.detach().float().cpu().contiguous() \
-            if value.is_floating_point() else value.detach().cpu().contiguous()
-    return out
-
-
 def run_seed_job(job_file):
     """Train mrl-pytorch 0.1.1 as its train.py does, then save its target and online encoders in our key layout."""
     with open(job_file) as f:
         job = json.load(f)
-    sys.path.insert(0, seed_wheel(job["seed_wheel_dir"]))
+    package = mrl_pytorch.import_wheel(job["seed_wheel_dir"])
     import numpy as np
     import torch
-    from PIL import Image
     from safetensors.torch import save_file
 
-    import mrl
-    from mrl import ReLIC, relic_loss
-    from mrl.aug import ViewGenerator, get_training_transforms
-    from mrl.utils import get_encoder
-
-    assert os.path.abspath(mrl.__file__).startswith(os.path.abspath(job["seed_wheel_dir"])), mrl.__file__
     random.seed(job["seed"])  # train.py seeds random, numpy and torch (with 42) at import
     np.random.seed(job["seed"])
     torch.manual_seed(job["seed"])
     device = torch.device(job["device"])
-    fp16 = job["fp16"]
-
     images = np.load(job["images"])  # (n, h, w, 3) uint8: the same training subset as ours, decoded once
-
-    class Images(torch.utils.data.Dataset):  # torchvision's CIFAR10 hands its transform a PIL image per index
-        def __len__(self):
-            return len(images)
-
-        def __getitem__(self, i):
-            return transform(Image.fromarray(images[i])), 0
-
-    transform = ViewGenerator(get_training_transforms(job["image_size"]), 2)
-    loader = torch.utils.data.DataLoader(Images(), batch_size=job["batch_size"], shuffle=True, drop_last=True,
+    loader = torch.utils.data.DataLoader(mrl_pytorch.TwoViews(package, images, job["image_size"]),
+                                         batch_size=job["batch_size"], shuffle=True, drop_last=True,
                                          num_workers=job["num_workers"], pin_memory=device.type == "cuda",
                                          persistent_workers=job["num_workers"] > 0)
-    # train.py: modify_model (the CIFAR stem) when "cifar" is in the dataset name; here: for small images
-    model = ReLIC(get_encoder("resnet18", modify_model=job["cifar_stem"]), proj_out_dim=SEED_PROJ_OUT).to(device)
-    if job["bn_train"]:  # the diagnostic variant: undo the eval() that ReLIC's feature-size probe leaves on
-        model.train()
-    optimizer = torch.optim.Adam(list(model.online_encoder.parameters()) + [model.t_prime], lr=job["lr"],
-                                 weight_decay=job["weight_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    total_steps = len(loader) * (job["epochs"] + 2) - SEED_COPY_UNTIL  # train.py's K (not this run's steps)
-    gamma, step, history = SEED_GAMMA, 0, []
-    for epoch in range(job["epochs"]):
-        start, losses = time.perf_counter(), []
-        for (x1, x2), _ in loader:
-            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
-                o1, o2, t1, t2 = model(x1, x2)
-                loss1 = torch.stack([relic_loss(o, t, model.t_prime, SEED_ALPHA, max_tau=SEED_MAX_TAU)
-                                     for o, t in zip(o1, t2)]).sum()
-                loss2 = torch.stack([relic_loss(o, t, model.t_prime, SEED_ALPHA, max_tau=SEED_MAX_TAU)
-                                     for o, t in zip(o2, t1)]).sum()
-                loss = (loss1 + loss2) / 2
-            optimizer.zero_grad()
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            # train.py's order: move the target with the current gamma, then compute the next one (so each gamma is
-            # applied one update late); up to update_gamma_after_step the target is a plain copy
-            if step > SEED_COPY_UNTIL and step % SEED_EVERY == 0:
-                model.update_params(gamma)
-                gamma = seed_gamma(step, total_steps, SEED_GAMMA)
-            if step <= SEED_COPY_UNTIL:
-                model.copy_params()
-            losses.append(loss.item())  # train.py reads the loss on the host every step
-            step += 1
-        seconds = time.perf_counter() - start
-        images_seen = len(loader) * job["batch_size"]
-        history.append({"epoch": epoch + 1, "seconds": seconds, "images_per_s": images_seen / seconds,
-                        "loss": statistics.fmean(losses), "gamma": gamma})
-        print(f"seed epoch {epoch + 1}: {images_seen} images in {seconds:.1f} s ({images_seen / seconds:.1f} img/s), "
-              f"loss {history[-1]['loss']:.4f}, gamma {gamma:.6f}", flush=True)
+    # train.py modifies the model (the CIFAR stem) for CIFAR; here: for small images
+    trainer = mrl_pytorch.Trainer(package, job["cifar_stem"], device, job["fp16"],
+                                  mrl_pytorch.gamma_steps(len(loader), job["epochs"]), job["lr"],
+                                  bn_train=job["bn_train"])
+    history = trainer.train(loader, job["epochs"])
 
     # what the seed saves (save_encoder: the target's encoder) and the online one, in our key layout, with a
     # reference batch so the importing side can check that our ResNet computes the same embeddings
-    names = resnet_child_names()
+    model, names = trainer.model, resnet_child_names()
     probe = torch.rand(4, 3, job["image_size"], job["image_size"], generator=torch.Generator().manual_seed(0))
     for which, sequential in (("target", model.target_encoder), ("online", model.online_encoder)):
         encoder = sequential[0].eval()
@@ -237,10 +142,11 @@ def run_seed_job(job_file):
         tensors.update({"reference.input": probe, "reference.output": reference})
         save_file(tensors, os.path.join(job["out_dir"], f"seed_{which}.safetensors"))
     with open(os.path.join(job["out_dir"], "seed_run.json"), "w") as f:
-        json.dump({"steps": step, "total_steps_of_gamma_schedule": total_steps, "final_gamma": gamma,
+        json.dump({"steps": trainer.steps, "total_steps_of_gamma_schedule": trainer.total_steps,
+                   "final_gamma": trainer.gamma,
                    "bn_mode_while_training": "train" if job["bn_train"] else "eval (as shipped)",
-                   "logit_scale": model.t_prime.detach().exp().clamp(0, SEED_MAX_TAU).item(), "history": history}, f,
-                  indent=2)
+                   "logit_scale": model.t_prime.detach().exp().clamp(0, mrl_pytorch.MAX_TAU).item(),
+                   "history": history}, f, indent=2)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -370,7 +276,8 @@ def train_seed(args, seed, folder, device, bn_train, epochs):
     """The seed's training run in its own process, on the same decoded training subset as ours."""
     import numpy as np
 
-    from mrl.data import load_splits, open_image
+    from mrl.data import load_splits
+    from mrl.transforms import open_image
 
     splits = load_splits(args.dataset, args.dataset_path or None, seed=seed,
                          max_train_samples=args.max_train_samples or None)
@@ -382,36 +289,39 @@ def train_seed(args, seed, folder, device, bn_train, epochs):
     images = os.path.join(folder, "train_images.npy")
     np.save(images, np.stack(pixels))
     job = {"images": images, "out_dir": folder, "seed": seed, "image_size": args.image_size, "epochs": epochs,
-           "batch_size": args.batch_size, "lr": args.lr, "weight_decay": 1e-5, "num_workers": args.num_workers,
-           "device": device, "fp16": device == "cuda", "bn_train": bn_train, "cifar_stem": args.image_size < 64,
+           "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.num_workers, "device": device,
+           "fp16": device == "cuda", "bn_train": bn_train, "cifar_stem": args.image_size < 64,
            "seed_wheel_dir": os.path.abspath(args.seed_wheel_dir)}
     job_file = os.path.join(folder, "job.json")
     with open(job_file, "w") as f:
         json.dump(job, f, indent=2)
-    seed_wheel(job["seed_wheel_dir"])
+    mrl_pytorch.wheel(job["seed_wheel_dir"])
     run([sys.executable, os.path.abspath(__file__), "--worker", job_file])
     os.remove(images)
 
 
-def seed_config(args, seed, splits, source, which, seed_run):
-    """config.json of an exported mrl-pytorch encoder: train_ssl.py's layout, with the seed's settings and inputs
+def seed_config(args, splits, source, which, seed_run):
+    """config.json of an exported mrl-pytorch encoder: the seed's settings, in train_ssl.py's flag names, and inputs
     (mean 0 / std 1: its encoder saw ToTensor's [0, 1] pixels, in training and in its own evaluation)."""
-    import train_ssl
-    from mrl.checkpoint import FORMAT_VERSION
-    from mrl.data import get_preset
+    from mrl.data import SPLIT_FLAGS
     from mrl.models import build_backbone, default_dims
+    from mrl.run_config import run_config
 
-    ssl_args = train_ssl.get_args_parser().parse_args(
-        [*data_flags(args, seed), "--nest", "projector", "--normalize", "none", "--epochs", str(args.epochs),
-         "--batch_size", str(args.batch_size), "--lr", str(args.lr), "--ema_momentum", str(SEED_GAMMA),
-         "--cifar_stem", "on" if args.image_size < 64 else "off", "--output_dir", source])
-    ssl_args.model = ssl_args.model or get_preset(args.dataset).model
-    backbone = build_backbone("resnet18", args.image_size, args.image_size < 64)
-    config = train_ssl.model_config(ssl_args, backbone, default_dims(512), splits, get_preset(args.dataset),
-                                    (0.0,) * 3, (1.0,) * 3, which == "target")
-    config["ssl"]["trained_by"] = (f"{SEED_PACKAGE}: its wheel's model, loss and augmentation, its train.py loop as "
-                                   f"fidelity_ssl.py restates it; BatchNorm {seed_run['bn_mode_while_training']}")
-    return {"format_version": FORMAT_VERSION, **config}
+    cifar_stem = args.image_size < 64
+    settings = argparse.Namespace(
+        **{key: splits.record[key] for key in SPLIT_FLAGS}, image_size=args.image_size, model="resnet18",
+        cifar_stem="on" if cifar_stem else "off", method="relic", nest="projector", normalize="none",
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=mrl_pytorch.WEIGHT_DECAY,
+        ema_momentum=mrl_pytorch.GAMMA, alpha=mrl_pytorch.ALPHA, max_temperature=mrl_pytorch.MAX_TAU,
+        proj_hidden_dim=mrl_pytorch.PROJ_HIDDEN, proj_out_dim=mrl_pytorch.PROJ_OUT, output_dir=source)
+    ssl = {"method": "relic", "nest": "projector", "dims": default_dims(512), "exported": which,
+           "projector": {"hidden_dim": mrl_pytorch.PROJ_HIDDEN, "out_dim": mrl_pytorch.PROJ_OUT}}
+    config = run_config(settings, build_backbone("resnet18", args.image_size, cifar_stem), splits, (0.0,) * 3,
+                        (1.0,) * 3, "ssl", ssl=ssl)
+    config["ssl"]["trained_by"] = (f"{mrl_pytorch.PACKAGE}: its wheel's model, loss and augmentation, its train.py "
+                                   "loop as benchmarks/mrl_pytorch.py restates it; BatchNorm "
+                                   f"{seed_run['bn_mode_while_training']}")
+    return config
 
 
 def import_seed_encoder(args, seed, seed_folder, folder, which):
@@ -420,6 +330,7 @@ def import_seed_encoder(args, seed, seed_folder, folder, which):
 
     from mrl.data import load_splits
     from mrl.models import build_backbone
+    from mrl.run_config import write_config
 
     tensors = load_file(os.path.join(seed_folder, f"seed_{which}.safetensors"))
     with open(os.path.join(seed_folder, "seed_run.json")) as f:
@@ -430,11 +341,9 @@ def import_seed_encoder(args, seed, seed_folder, folder, which):
     check_same_embeddings(backbone.eval(), reference_in, reference_out)
     splits = load_splits(args.dataset, args.dataset_path or None, seed=seed,
                          max_train_samples=args.max_train_samples or None)
-    config = seed_config(args, seed, splits, seed_folder, which, seed_run)
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "model.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_config(folder, seed_config(args, splits, seed_folder, which, seed_run))
 
 
 def check_same_embeddings(backbone, reference_in, reference_out, tolerance=1e-4):
@@ -457,6 +366,7 @@ def export_online(source, folder):
     from safetensors.torch import load_file, save_file
 
     from mrl.checkpoint import list_checkpoints
+    from mrl.run_config import CONFIG_FILE, ONLINE, write_config
 
     checkpoint = list_checkpoints(source)[-1]
     with open(os.path.join(source, "metrics.json")) as f:
@@ -465,15 +375,14 @@ def export_online(source, folder):
         raise AssertionError(f"{source}'s last checkpoint {checkpoint} is not its final step {steps}: pick a "
                              "--checkpointing_steps that divides the run's steps, or 'epoch'")
     state = load_file(os.path.join(checkpoint, "model.safetensors"))
-    prefix = "online.backbone."
+    prefix = f"{ONLINE}.backbone."
     backbone = {"backbone." + k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
-    with open(os.path.join(source, "config.json")) as f:
+    with open(os.path.join(source, CONFIG_FILE)) as f:
         config = json.load(f)
     config["ssl"]["exported"] = "online"
     os.makedirs(folder, exist_ok=True)
     save_file(backbone, os.path.join(folder, "model.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_config(folder, config)
 
 
 def evaluate_side(args, folder, side):
