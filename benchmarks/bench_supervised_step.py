@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mrl.loop import training_step  # noqa: E402
+from mrl.losses import per_head_cross_entropy  # noqa: E402
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone  # noqa: E402
-from train_supervised import training_step  # noqa: E402
 
 DIMS = [8, 16, 32, 64, 128, 256, 512, 1024]
 
@@ -62,7 +63,7 @@ def main():
         plain_opt.step()
         plain_opt.zero_grad()
 
-    # Ours: the training script's own step function, through Accelerate.
+    # Ours: the training scripts' step function with train_supervised.py's loss, through Accelerate.
     model = MatryoshkaClassifier(build_backbone("cnn4", args.image_size), MatryoshkaHeads(DIMS, 2))
     memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -70,8 +71,12 @@ def main():
     weights = torch.ones(len(DIMS), device=device)
     batch = {"pixel_values": x.contiguous(memory_format=memory_format), "labels": y}
 
+    def forward(batch):
+        per_dim = per_head_cross_entropy(model(batch["pixel_values"])[1], batch["labels"])
+        return (weights * per_dim).sum(), per_dim
+
     def our_step():
-        training_step(accelerator, model, optimizer, batch, weights, 4e-4, 1.0)
+        training_step(accelerator, model, optimizer, forward, batch, 4e-4, 1.0, step=0)
 
     def timed(step, n):
         if device.type == "cuda":

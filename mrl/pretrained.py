@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 import datasets
 from mrl import UserError
-from mrl.checkpoint import CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, build_model, read_config, without_wrapper_prefixes
+from mrl.checkpoint import MODEL_FILE, build_model, read_config, without_wrapper_prefixes
+from mrl.run_config import CONFIG_FILE, write_config
 from mrl.transforms import build_transform, open_image
 from mrl.model_card import CARD_FILE, LIBRARY, PAPER, PLOTS, TAGS, build_card
 from mrl.models import default_dims
@@ -122,8 +123,7 @@ class MatryoshkaEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, t
         save_directory = Path(save_directory)
         state = {k: v.detach().cpu().contiguous() for k, v in {**self.state_dict(), **self.extra}.items()}
         save_file(state, save_directory / MODEL_FILE, metadata={"format": "pt"})
-        with open(save_directory / CONFIG_FILE, "w") as f:
-            json.dump({"format_version": FORMAT_VERSION, **self.config}, f, indent=2)  # as save_model writes it
+        write_config(save_directory, self.config)  # as save_model writes it
         for relative in carried_files(self.source) if self.source is not None else []:
             source, target = Path(self.source) / relative, save_directory / relative
             if relative != CARD_FILE and not (target.exists() and os.path.samefile(source, target)):

@@ -15,8 +15,9 @@ FORMAT_VERSION = 1
 ONLINE, TARGET = "online", "target.module"  # the SSL training model's encoders, as their state-dict keys start
 
 
-def run_config(args, backbone, splits, mean, std, augment, heads=None, ssl=None, wandb=None):
-    """The contents of config.json (without its format version, which write_config adds).
+def run_config(args, backbone, splits, mean, std, augment, heads=None, ssl=None):
+    """The contents of config.json (without its format version, which write_config adds, and the W&B run's
+    coordinates, which mrl.run.start_tracking adds once the run has started).
 
     `heads`: a supervised run's {"dims", "num_classes", "tied", "baseline"} (the class names are added here);
     `ssl`: an SSL run's {"method", "nest", "dims", "exported", "projector"}. Exactly one of them is given.
@@ -34,8 +35,6 @@ def run_config(args, backbone, splits, mean, std, augment, heads=None, ssl=None,
     if ssl is not None:  # the labels the kNN monitor used live with the data
         config["ssl"], data["class_names"] = ssl, splits.class_names
     config.update(data=data, args=vars(args))
-    if wandb is not None:
-        config["wandb"] = wandb
     return config
 
 

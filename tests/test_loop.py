@@ -6,9 +6,9 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from mrl.loop import accumulation_scale
+from mrl.loop import accumulation_scale, training_step
+from mrl.losses import per_head_cross_entropy
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads
-from train_supervised import training_step
 
 
 @pytest.fixture
@@ -68,8 +68,13 @@ def test_an_epochs_last_incomplete_group_steps_on_the_mean_of_its_micro_batches(
     loader = torch.utils.data.DataLoader(data, batch_size=None)  # each item is already a batch
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps = 0
+
+    def forward(batch):  # train_supervised.py's loss
+        per_dim = per_head_cross_entropy(model(batch["pixel_values"])[1], batch["labels"])
+        return (weights * per_dim).sum(), per_dim
+
     for b, batch in enumerate(loader):
-        training_step(accelerator, model, optimizer, batch, weights, lr, 0.0,
+        training_step(accelerator, model, optimizer, forward, batch, lr, 0.0, steps,
                       accumulation_scale(b, len(loader), accumulation))
         steps += accelerator.sync_gradients
     assert steps == -(-batches // accumulation)

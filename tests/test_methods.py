@@ -104,35 +104,35 @@ def test_the_loss_at_dim_d_neither_reads_nor_trains_the_later_dims(name):
     assert gradient[:, 4:].abs().max() == 0 and gradient[:, :4].abs().max() > 0
 
 
-def worker(rank, names, forget_gather, rendezvous, results):
+def worker(rank, names, rendezvous, results):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
-    if forget_gather:  # what a loss that compares within, or takes statistics over, this process's share computes
-        losses.gather, losses.row_offset, losses.world_size = (lambda tensor: tensor), (lambda rows: 0), (lambda: 1)
+    shared = losses.gather, losses.row_offset, losses.world_size
     try:
-        for name in names:
-            model = nn.parallel.DistributedDataParallel(build(name))
-            v1, v2 = views()
-            rows = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)  # split_batches
-            loss, grads = loss_and_gradients(model, v1[rows], v2[rows])
-            dist.all_reduce(loss)  # what the scripts log: the mean over processes
-            results[(name, forget_gather, rank)] = (loss.item() / WORLD,
-                                                    {n.removeprefix("module."): g for n, g in grads.items()})
+        for forget_gather in (False, True):
+            if forget_gather:  # what a loss that compares within, or takes statistics over, this process's share gives
+                losses.gather, losses.row_offset, losses.world_size = (lambda t: t), (lambda rows: 0), (lambda: 1)
+            for name in names:
+                model = nn.parallel.DistributedDataParallel(build(name))
+                v1, v2 = views()
+                rows = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)  # split_batches
+                loss, grads = loss_and_gradients(model, v1[rows], v2[rows])
+                dist.all_reduce(loss)  # what the scripts log: the mean over processes
+                results[(name, forget_gather, rank)] = (loss.item() / WORLD,
+                                                        {n.removeprefix("module."): g for n, g in grads.items()})
     finally:
+        losses.gather, losses.row_offset, losses.world_size = shared
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """Every registered method's loss and gradients on 2 gloo processes (one spawn for all), and those of the
-    losses that gather with the gather taken out."""
-    results = {}
+    """Every registered method's loss and gradients on 2 gloo processes, and those of the losses that gather with
+    the gather taken out (one spawn for all)."""
     with mp.Manager() as manager:
         shared = manager.dict()
-        for forget in (False, True):
-            rendezvous = tmp_path_factory.mktemp("rendezvous") / "file"
-            mp.spawn(worker, args=(list(METHODS), forget, str(rendezvous), shared), nprocs=WORLD)
-        results.update(shared)
-    return results
+        mp.spawn(worker, args=(list(METHODS), str(tmp_path_factory.mktemp("rendezvous") / "file"), shared),
+                 nprocs=WORLD)
+        return dict(shared)
 
 
 def tolerances_used(one, two, rtol=1e-5, atol=1e-6):

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_script
+from test_train_ssl import run_main
 from mrl.checkpoint import load_model
 
 PREVIOUS = "663f805"
@@ -65,12 +66,11 @@ def test_a_previous_run_and_its_checkpoint_load(previous_runs, method):
 
 
 @pytest.mark.parametrize("method", ["relic", "byol"])
-def test_a_previous_runs_checkpoint_resumes_to_the_weights_its_own_run_saved(previous_runs, method, tmp_path):
+def test_a_previous_runs_checkpoint_resumes_to_the_weights_its_own_run_saved(previous_runs, method, tmp_path, capsys):
     resumed = tmp_path / "resumed"
     shutil.copytree(previous_runs[method] / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
-    result = run_script("train_ssl.py", *ARGS, "--method", method, "--output_dir", resumed,
-                        "--resume_from_checkpoint", "latest", tmp_path=tmp_path)
-    assert "resumed from" in result.stdout
+    run_main([*ARGS, "--method", method, "--output_dir", resumed, "--resume_from_checkpoint", "latest"])
+    assert "resumed from" in capsys.readouterr().out
     a, b = load_file(previous_runs[method] / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
