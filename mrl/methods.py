@@ -155,7 +155,8 @@ def add_method_args(group):
 
 
 def _defaults(setting):
-    return ", ".join(f"{m.name} {projector_settings(m)[setting]}" for m in METHODS.values())
+    value = lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # noqa: E731
+    return ", ".join(f"{m.name} {value(projector_settings(m)[setting])}" for m in METHODS.values())
 
 
 def projector_settings(method):

@@ -114,3 +114,20 @@ def session_processes(sid):
         if int(fields[3]) == sid and fields[0] != "Z":
             alive.append(int(entry))
     return alive
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """--dist loadgroup (pytest.ini) sends the tests of an xdist_group to one worker, so that its module fixtures are
+    built once. pytest-xdist 3.8 names a test's group by appending "@group" to `item._nodeid`, which pytest 9 no
+    longer reads (a node's id is `item._id`): the groups were lost and every worker built the fixtures again. This
+    appends it where pytest 9 reads it, on the workers (where xdist sets `loadgroup`), once."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                         for mark in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")

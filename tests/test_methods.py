@@ -26,6 +26,7 @@ from mrl.ssl_model import SSLModel
 from test_train_ssl import run_main
 
 GLOBAL_BATCH, WORLD, DIMS = 8, 2, [4, 8, 16]
+pytestmark = pytest.mark.xdist_group("test_methods")  # the 2-process results are computed once (a module fixture)
 
 
 class TinyBackbone(nn.Module):
