@@ -40,7 +40,8 @@ from mrl.models import build_backbone, check_dims, default_dims
 from mrl.projectors import NEST
 from mrl.publish import checkpoint_pusher
 from mrl.retrieval import knn_predict, nearest_neighbors, normalized_prefix
-from mrl.run import data_loader, end_run, load_data, resolve_preset, start_run, start_tracking, steps_per_epoch
+from mrl.run import (check_one_batch, data_loader, end_run, load_data, resolve_preset, start_run, start_tracking,
+                     steps_per_epoch)
 from mrl.run_config import run_config
 from mrl.schedules import constant_schedule, cosine_schedule
 from mrl.ssl_augment import BatchAugment, batch_seed, ssl_augmentation
@@ -176,9 +177,7 @@ def main(args):
     if args.data_on_device:  # decoded once, keyed by the fingerprint of the dataset before any transform is set
         train_loader = DeviceLoader.from_dataset(pretrain, args.image_size, accelerator, args.batch_size, args.seed,
                                                  args.num_workers)
-        if len(train_loader) == 0:
-            raise UserError(f"{len(pretrain)} training images are fewer than one batch of --batch_size "
-                            f"{args.batch_size}")
+        check_one_batch(train_loader, len(pretrain), args.batch_size)
     train_transform = attach_transforms(splits, "ssl", args.image_size, mean, std, args.seed, views=views,
                                         train_transform=cpu_transform)
     pretrain.set_transform(train_transform)

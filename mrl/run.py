@@ -120,9 +120,15 @@ def data_loader(args, dataset, batch_size, train):
         FillUnreadable(dataset, evaluation=not train), batch_size=batch_size, shuffle=train, drop_last=train,
         num_workers=args.num_workers, collate_fn=Collate(), pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_signals_in_worker)
-    if train and len(loader) == 0:
-        raise UserError(f"{len(dataset)} training images are fewer than one batch of --batch_size {batch_size}")
+    if train:
+        check_one_batch(loader, len(dataset), batch_size)
     return loader
+
+
+def check_one_batch(loader, images, batch_size):
+    """A training loader of whole batches must hold one at least."""
+    if len(loader) == 0:
+        raise UserError(f"{images} training images are fewer than one batch of --batch_size {batch_size}")
 
 
 def steps_per_epoch(args, train_loader):
