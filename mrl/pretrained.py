@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 import datasets
 from mrl import UserError
 from mrl.checkpoint import MODEL_FILE, build_model, read_config, without_wrapper_prefixes
+from mrl.model_card import CARD_FILE, LIBRARY, PAPER, PLOTS, TAGS, build_card
 from mrl.run_config import CONFIG_FILE, write_config
 from mrl.transforms import build_transform, open_image
-from mrl.model_card import CARD_FILE, LIBRARY, PAPER, PLOTS, TAGS, build_card
 from mrl.models import default_dims
 
 # What travels with a model to the Hub and back, besides the weights and config: its card, the training metrics and
