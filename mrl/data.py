@@ -51,6 +51,9 @@ PRESETS = {
     # scikit-learn's 8x8 handwritten digits, shipped inside the package: offline, for quick runs and tests.
     # Flips would turn digits into other shapes, so only shifts.
     "digits": Preset(None, 16, HALF, HALF, "crop", "resnet18"),
+    # ILSVRC-2012 (ImageNet-1k), the MRL paper's experiment: 1,000 classes indexed in synset order whatever the source
+    # (mrl/imagenet_classes/imagenet_synsets.txt); evaluation at Resize 256 -> CenterCrop 224 (resized_crop_flip's eval).
+    "imagenet": Preset("ILSVRC/imagenet-1k", 224, *IMAGENET_STATS, "resized_crop_flip", "resnet50"),
     # Anything local: a Hub-layout copy, a `save_to_disk` folder or an image folder (one subfolder per class).
     "custom": Preset(None, 224, *IMAGENET_STATS, "resized_crop_flip", "resnet18"),
 }
