@@ -6,26 +6,11 @@ augmentation is seeded by its `index` (see mrl.data), so batches are the same wh
 run loads them.
 """
 
-import io
-
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageOps
 
 from mrl import UserError
-
-
-def open_image(item):
-    """An undecoded `image` cell (bytes and/or path) as an RGB PIL image, or None when it cannot be read.
-
-    cats_vs_dogs holds grayscale, RGBA, CMYK and palette images, and a few files that are not images at all.
-    """
-    try:
-        image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... for bad files
-        return None
+from mrl.decode import open_image, resolve_decoder, tensor_transform  # open_image: decoding lives in mrl.decode
 
 
 def build_transform(augment, image_size, mean, std, train):
@@ -64,16 +49,29 @@ class ImageTransform:
     so a sample is augmented the same way whichever worker, process or resumed run loads it: resuming mid-epoch
     and changing the number of workers or processes leave the training batches bit-identical. `epoch` is read
     when the DataLoader's workers are started (they get a copy), so set it before iterating over an epoch.
-    Unreadable images come out as None; FillUnreadable fills them in.
+    Unreadable images come out as None; FillUnreadable fills them in. `decoder` is --decoder (mrl.decode): which
+    library decodes the plain JPEGs. TorchCodec's tensor goes straight to `transform`'s steps when they all take
+    tensors (mrl.decode.tensor_transform: the same draws, pixels within a level), else through a PIL image.
     """
 
-    def __init__(self, transform, seed=None, views=1):
+    def __init__(self, transform, seed=None, views=1, decoder="pil"):
+        self.decoder = resolve_decoder(decoder)
         self.transform, self.seed, self.views, self.epoch = transform, seed, views, 0
+
+    @property
+    def transform(self):
+        return self._transform
+
+    @transform.setter
+    def transform(self, transform):  # also between epochs: progressive resizing trains each at its own resolution
+        self._transform = transform
+        self.tensor_transform = tensor_transform(transform) if self.decoder == "torchcodec" else None
 
     def __call__(self, batch):
         samples, unreadable = [], []
         for item, index in zip(batch["image"], batch["index"]):
-            image = open_image(item)
+            image = open_image(item, self.decoder, as_tensor=self.tensor_transform is not None)
+            transform = self.tensor_transform if torch.is_tensor(image) else self.transform
             path = item.get("path") if isinstance(item, dict) else None  # a missing cell (None) too
             unreadable.append(None if image is not None else path or f"row {index}")
             if image is None:
@@ -82,7 +80,7 @@ class ImageTransform:
             with torch.random.fork_rng(devices=[], enabled=self.seed is not None):
                 if self.seed is not None:
                     torch.manual_seed(sample_seed(self.seed, self.epoch, int(index)))
-                views = [self.transform(image) for _ in range(self.views)]
+                views = [transform(image) for _ in range(self.views)]
             samples.append(views[0] if self.views == 1 else views)
         return {"pixel_values": samples, "label": batch["label"], "unreadable": unreadable}
 
@@ -152,16 +150,18 @@ class Collate:
                 "unreadable": unreadable}
 
 
-def attach_transforms(splits, augment, image_size, mean, std, seed, views=1, train_transform=None):
+def attach_transforms(splits, augment, image_size, mean, std, seed, views=1, train_transform=None, decoder="pil"):
     """set_transform on every split (train augmented and seeded, val/test plain); returns the train transform.
 
     `train_transform`, when given, is the per-image train transform to use instead of build_transform's for
-    `augment` (e.g. the SSL recipe at another strength); val/test still get `augment`'s eval transform.
+    `augment` (e.g. the SSL recipe at another strength); val/test still get `augment`'s eval transform. `decoder`:
+    --decoder (mrl.decode.DECODERS).
     """
+    decoder = resolve_decoder(decoder)  # here, so that a missing TorchCodec warns once
     train_transform = ImageTransform(train_transform or build_transform(augment, image_size, mean, std, train=True),
-                                     seed, views)
+                                     seed, views, decoder)
     splits.train.set_transform(train_transform)
-    plain = ImageTransform(build_transform(augment, image_size, mean, std, train=False))
+    plain = ImageTransform(build_transform(augment, image_size, mean, std, train=False), decoder=decoder)
     for ds in (splits.val, splits.test):
         if ds is not None:
             ds.set_transform(plain)
