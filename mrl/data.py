@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 import datasets
-from mrl import UserError
+from mrl import UserError, imagenet, streams
 
 HALF = (0.5, 0.5, 0.5)  # the blog's normalization: [0, 1] -> [-1, 1]
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -38,6 +38,9 @@ class Preset:
     model: str  # default backbone
     min_image_size: int = 0  # images smaller than this on either side are dropped
     label_column: str | None = None  # preferred label column where a dataset has several
+    # The source's own train and validation splits are the splits, nothing is carved out of train and there is no
+    # test split (ImageNet: its validation set is the benchmark the papers report; its test labels are not public).
+    source_splits: bool = False
 
 
 PRESETS = {
@@ -53,7 +56,9 @@ PRESETS = {
     "digits": Preset(None, 16, HALF, HALF, "crop", "resnet18"),
     # ILSVRC-2012 (ImageNet-1k), the MRL paper's experiment: 1,000 classes indexed in synset order whatever the source
     # (mrl/imagenet_classes/imagenet_synsets.txt); evaluation at Resize 256 -> CenterCrop 224 (resized_crop_flip's eval).
-    "imagenet": Preset("ILSVRC/imagenet-1k", 224, *IMAGENET_STATS, "resized_crop_flip", "resnet50"),
+    # Sources: the Hub (gated), a local ILSVRC folder (train/ and val/, one subfolder per synset), a copy in the Hub's
+    # parquet layout, or webdataset shards (streamed: mrl.streams).
+    "imagenet": Preset(imagenet.HUB_ID, 224, *IMAGENET_STATS, "resized_crop_flip", "resnet50", source_splits=True),
     # Anything local: a Hub-layout copy, a `save_to_disk` folder or an image folder (one subfolder per class).
     "custom": Preset(None, 224, *IMAGENET_STATS, "resized_crop_flip", "resnet18"),
 }
@@ -83,7 +88,15 @@ def load_splits(name, path=None, *, seed=0, val_fraction=0.1, test_fraction=0.1,
     stratified by label and seeded. `val_fraction` and `test_fraction` are fractions of the whole train split.
     """
     preset = get_preset(name)
+    if name == "imagenet" and path is not None and streams.is_webdataset(path):
+        return streams.stream_splits(name, path, imagenet.synsets(), seed=seed, max_train_samples=max_train_samples,
+                                     max_eval_samples=max_eval_samples)
     raw = _load_raw(name, preset, path)
+    if preset.source_splits:
+        raw.pop("test", None)
+        if not any(s in raw for s in VALIDATION_SPLITS):
+            raise UserError(f"dataset {path or name} has no validation split (it has: {', '.join(raw)})")
+        test_fraction = 0.0
     source = {split: {"rows": len(ds), "fingerprint": getattr(ds, "_fingerprint", None)} for split, ds in raw.items()}
     unlabeled = raw.pop(UNLABELED_SPLIT, None)
     raw = {split: _normalize_columns(ds, preset.label_column, split) for split, ds in raw.items()}
@@ -178,6 +191,8 @@ def _load_raw(name, preset, path):
         if path is not None:
             if not os.path.exists(path):
                 raise UserError(f"--dataset_path {path} does not exist")
+            if name == "imagenet" and imagenet.is_ilsvrc_folder(path):
+                return imagenet.folder_splits(path)
             if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
                 ds = datasets.load_from_disk(path)
             else:
@@ -188,9 +203,14 @@ def _load_raw(name, preset, path):
     except UserError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError...)
+        access = imagenet.hub_access_error(e, preset.hub_id) if path is None else None
+        if access:  # a gated dataset (ImageNet): no token, or the terms not accepted
+            raise UserError(access) from e
         hint = "" if path else f" {LOCAL_COPY_HINT}"
         raise UserError(f"could not load dataset {source}: {type(e).__name__}: {str(e).splitlines()[0]}.{hint}") from e
     splits = {"train": ds} if isinstance(ds, datasets.Dataset) else dict(ds)
+    if name == "imagenet":
+        return imagenet.synset_labels(splits)
     train = splits.get("train")
     if path is not None and train is not None and not any(c in LABEL_COLUMNS or isinstance(f, datasets.ClassLabel)
                                                           for c, f in train.features.items()):

@@ -19,6 +19,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest
 from filelock import FileLock
 
+from imagenet_fixture import tiny_imagenet  # noqa: F401 (a fixture for every test: the tiny ILSVRC folder and copies)
+
 ROOT = Path(__file__).resolve().parents[1]
 # Real CIFAR-10 in the Hub's parquet layout (read-only), beside the checkout: ../shared/data/cifar10, or where
 # MRL_CIFAR10 points.
