@@ -196,7 +196,8 @@ def build_model(config):
     """(backbone, heads or None) with the architecture a config.json describes, freshly initialized."""
     model_cfg = config["model"]
     backbone = build_backbone(model_cfg["backbone"], config["data"]["image_size"], model_cfg.get("cifar_stem"),
-                              model_cfg.get("norm", "batch"))  # runs of earlier versions: BatchNorm
+                              model_cfg.get("norm", "batch"),  # runs of earlier versions: BatchNorm
+                              blurpool=model_cfg.get("blurpool", False))  # and no BlurPool
     heads = None
     if config.get("heads"):
         heads = MatryoshkaHeads(config["heads"]["dims"], config["heads"]["num_classes"], config["heads"]["tied"])

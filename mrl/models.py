@@ -4,6 +4,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 from mrl import UserError
@@ -58,9 +59,12 @@ class ResNet(nn.Module):
     `cifar_stem` swaps the 7x7 stride-2 conv and the max-pool for one 3x3 stride-1 conv, the usual change for
     32x32 images, which the ImageNet stem would shrink to 8x8 before the first residual stage. `norm="group"`
     replaces every BatchNorm with a GroupNorm of 32 groups (Wu & He, 2018; torchvision initializes both alike).
+    `blurpool=True` low-passes the input of every strided conv (apply_blurpool), as the MRL paper's ImageNet recipe
+    does; it changes those convs' state-dict keys (`...conv2.weight` -> `...conv2.conv.weight`), so it is recorded
+    in the model (`self.blurpool`) and in config.json.
     """
 
-    def __init__(self, name="resnet18", cifar_stem=False, norm="batch"):
+    def __init__(self, name="resnet18", cifar_stem=False, norm="batch", blurpool=False):
         super().__init__()
         net = getattr(torchvision.models, name)(weights=None, norm_layer=NORMS[norm])
         if cifar_stem:
@@ -69,22 +73,26 @@ class ResNet(nn.Module):
             # encoders/models.py re-initializes its replaced first conv), not with nn.Conv2d's default
             nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
             net.maxpool = nn.Identity()
-        self.embed_dim, self.cifar_stem = net.fc.in_features, cifar_stem
+        self.embed_dim, self.cifar_stem, self.blurpool = net.fc.in_features, cifar_stem, blurpool
         net.fc = nn.Identity()
+        if blurpool:
+            apply_blurpool(net)
         self.net = net
 
     def forward(self, x):
         return self.net(x)
 
 
-def build_backbone(name, image_size, cifar_stem=None, norm="batch"):
+def build_backbone(name, image_size, cifar_stem=None, norm="batch", blurpool=False):
     """The backbone called `name` for square images of side `image_size`.
 
     `cifar_stem=None` picks the CIFAR stem automatically for images under 64 px (ResNets only); `norm` picks the
-    ResNets' normalization layers (NORMS).
+    ResNets' normalization layers (NORMS); `blurpool` blurs before every strided conv (ResNets only, BlurPoolConv2d).
     """
     if name not in BACKBONES:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}")
+    if name.startswith("cnn4") and blurpool:  # cnn4 downsamples with max-pools only: there is no strided conv
+        raise UserError(f"--blurpool is for the ResNets; {name} has no strided convolution")
     if name.startswith("cnn4"):
         if norm != "batch":
             has = "BatchNorm" if name == "cnn4_bn" else "no normalization"
@@ -92,7 +100,48 @@ def build_backbone(name, image_size, cifar_stem=None, norm="batch"):
         return CNN4(image_size=image_size, batchnorm=name == "cnn4_bn")
     if cifar_stem is None:
         cifar_stem = image_size < 64
-    return ResNet(name, cifar_stem=cifar_stem, norm=norm)
+    return ResNet(name, cifar_stem=cifar_stem, norm=norm, blurpool=blurpool)
+
+
+class BlurPoolConv2d(nn.Module):
+    """A strided conv that first blurs its input with a fixed [1, 2, 1] x [1, 2, 1] / 16 filter, per channel.
+
+    Subsampling without a low-pass aliases, so a network's output changes when the image shifts by one pixel;
+    blurring first makes it more shift-invariant and more accurate (Zhang, "Making Convolutional Networks
+    Shift-Invariant Again", ICML 2019). FFCV's ResNet recipe, which the MRL paper trains with, does exactly this:
+    a 3x3 depthwise blur with stride 1 and zero padding of 1, then the original conv with its own stride.
+
+    The filter is a constant, not a weight: it is a non-persistent buffer (it moves with `.to()` but is not in the
+    state dict), so the wrapped conv's keys are `<name>.conv.weight` and nothing else.
+    """
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("blur_filter", blur_filter(conv.in_channels), persistent=False)
+
+    def forward(self, x):
+        blurred = F.conv2d(x, self.blur_filter, padding=1, groups=self.conv.in_channels)
+        return self.conv(blurred)
+
+
+def blur_filter(channels):
+    """BlurPool's filter: [1, 2, 1] x [1, 2, 1] / 16 for each of `channels` channels, shaped for a depthwise conv."""
+    taps = torch.tensor([1.0, 2.0, 1.0])
+    return (torch.outer(taps, taps) / 16).expand(channels, 1, 3, 3).clone()
+
+
+def apply_blurpool(module):
+    """Wrap, in place, every conv of `module` that downsamples (stride > 1) a map of at least 16 channels into a
+    BlurPoolConv2d; returns `module`. FFCV's rule: the stem's 3-channel conv is left alone, and in a torchvision
+    ResNet the wrapped convs are each stage's first strided 3x3 (conv1 in BasicBlock, conv2 in Bottleneck) and
+    1x1 downsample. Convs already wrapped are left as they are, so applying it twice changes nothing."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
+            setattr(module, name, BlurPoolConv2d(child))
+        elif not isinstance(child, BlurPoolConv2d):
+            apply_blurpool(child)
+    return module
 
 
 def check_dims(dims, embed_dim):

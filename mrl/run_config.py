@@ -19,7 +19,8 @@ def run_config(args, backbone, splits, mean, std, augment, heads=None, ssl=None)
     """The contents of config.json (without its format version, which write_config adds, and the W&B run's
     coordinates, which mrl.run.start_tracking adds once the run has started).
 
-    `heads`: a supervised run's {"dims", "num_classes", "tied", "baseline"} (the class names are added here);
+    `heads`: a supervised run's {"dims", "num_classes", "tied", "baseline", "fixed_feature"} (the class names are
+    added here);
     `ssl`: an SSL run's {"method", "nest", "dims", "exported", "projector"}. Exactly one of them is given.
     """
     if (heads is None) == (ssl is None):
@@ -30,7 +31,8 @@ def run_config(args, backbone, splits, mean, std, augment, heads=None, ssl=None)
             "splits": splits.record}  # everything that defines the splits: evaluate.py rebuilds them from it
     config = {"kind": "ssl" if ssl is not None else "supervised",
               "model": {"backbone": args.model, "embed_dim": backbone.embed_dim,
-                        "cifar_stem": getattr(backbone, "cifar_stem", None), "norm": getattr(args, "norm", "batch")},
+                        "cifar_stem": getattr(backbone, "cifar_stem", None), "norm": getattr(args, "norm", "batch"),
+                        "blurpool": getattr(backbone, "blurpool", False)},
               "heads": {**heads, "class_names": splits.class_names} if heads is not None else None}
     if ssl is not None:  # the labels the kNN monitor used live with the data
         config["ssl"], data["class_names"] = ssl, splits.class_names
