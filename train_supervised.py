@@ -24,12 +24,17 @@ from mrl.checkpoint import save_model
 from mrl.losses import dim_weights, per_head_cross_entropy
 from mrl.loop import train_one_epoch
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
+from mrl.data import get_preset
+from mrl.device_decode import EncodedCollate, EncodeTransform, decode_batch
 from mrl.publish import checkpoint_pusher
 from mrl.run import data_loader, end_run, load_data, resolve_preset, start_run, start_tracking, steps_per_epoch
 from mrl.run_config import run_config
-from mrl.schedules import exponential_schedule
+from mrl.optim import NO_DECAY, OPTIMIZERS, build_optimizer
+from mrl.recipes import fill_recipe
+from mrl.schedules import progressive_resolution, warmup_then
+from mrl.streams import is_webdataset
 from mrl.tracking import log_history_row, log_image_files, log_per_dim_table, log_summary
-from mrl.transforms import attach_transforms
+from mrl.transforms import attach_transforms, build_transform
 
 
 def get_args_parser():
@@ -43,46 +48,104 @@ def get_args_parser():
                        help="MRL-E: all heads share one weight matrix, the head for d using its first d columns")
     group.add_argument("--dim_weights", default="uniform",
                        help="loss weight per dim: 'uniform' (the blog and the paper) or comma-separated numbers")
-    group = parser.add_argument_group("optimization (defaults: the blog's)")
-    group.add_argument("--batch_size", type=int, default=8,
-                       help="images per forward pass, summed over all processes (split evenly among them)")
-    group.add_argument("--grad_accum_steps", type=int, default=4, help="forward passes per optimizer step")
-    group.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate")
-    group.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (torch's default, as the blog)")
-    group.add_argument("--lr_gamma", type=float, default=0.85, help="learning rate x gamma after every epoch (ExponentialLR)")
+    group.add_argument("--fixed_feature", type=int, default=None, metavar="K",
+                       help="the MRL paper's fixed-feature baseline FF-K: one classifier on the first K dims of the "
+                            "embedding only (the embedding keeps its width; the rest of it gets no gradient)")
+    group = parser.add_argument_group(
+        "optimization (defaults: the dataset's recipe -- the blog's AdamW + ExponentialLR everywhere, the MRL paper's "
+        "SGD recipe for --dataset imagenet; see mrl/recipes.py)")
+    group.add_argument("--batch_size", type=int, default=None,
+                       help="images per forward pass, summed over all processes (split evenly among them) "
+                            "(default: 8, the blog's; 1024 for imagenet, the reference's 2 GPUs x 512)")
+    group.add_argument("--grad_accum_steps", type=int, default=None,
+                       help="forward passes per optimizer step (default: 4, the blog's; 1 for imagenet)")
+    group.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                       help="adamw (the blog) or sgd with --momentum (imagenet, the reference)")
+    group.add_argument("--lr", type=float, default=None,
+                       help="peak learning rate (default: 4e-4, the blog's; for imagenet 1.7 x global batch / 4096 "
+                            "= 0.425 at 1024. The reference's sources disagree -- README 0.425 at 2 x 512, paper 0.475 "
+                            "at 256 per GPU, yaml 0.2125 at 512 -- and 1.7 per 4096 images, linearly scaled, is the "
+                            "rule that FFCV's 77.2%% run used and the README's and yaml's numbers follow)")
+    group.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)")
+    group.add_argument("--weight_decay", type=float, default=None,
+                       help="weight decay (default: 0.01, AdamW as the blog; 1e-4 for imagenet)")
+    group.add_argument("--no_decay", default=None, choices=tuple(NO_DECAY),
+                       help="parameters exempt from weight decay: none (the blog); bn_named = those whose name "
+                            "contains 'bn' (the reference's rule for imagenet: the ResNet's bn1/bn2/bn3, not its "
+                            "downsample BatchNorms); norm_bias = every 1-d parameter")
+    group.add_argument("--lr_schedule", default=None, choices=("exponential", "linear", "cosine", "constant"),
+                       help="per-step learning rate after the warmup: exponential = x --lr_gamma per epoch (the "
+                            "blog); linear = down to 0 at the end (the reference's imagenet schedule); cosine; constant")
+    group.add_argument("--lr_gamma", type=float, default=None,
+                       help="exponential schedule: the factor per epoch (default: 0.85, the blog's)")
+    group.add_argument("--warmup_epochs", type=float, default=None,
+                       help="linear warmup from 1e-4 x --lr to --lr over this many epochs (default: 0; 2 for imagenet)")
+    group.add_argument("--label_smoothing", type=float, default=None,
+                       help="label smoothing of every head's cross-entropy (default: 0; 0.1 for imagenet)")
+    group.add_argument("--min_res", type=int, default=None,
+                       help="progressive resizing (FFCV's, as the reference trains imagenet): train at --min_res px "
+                            "until --start_ramp, then ramp in steps of 32 px to --max_res at --end_ramp. Evaluation "
+                            "stays at --image_size (default: off; 160 for imagenet)")
+    group.add_argument("--max_res", type=int, default=None, help="progressive resizing: the last resolution "
+                                                                "(default: --min_res; 192 for imagenet)")
+    group.add_argument("--start_ramp", type=int, default=None,
+                       help="progressive resizing: the epoch the ramp starts (default: 29/40 of --epochs, the reference's)")
+    group.add_argument("--end_ramp", type=int, default=None,
+                       help="progressive resizing: the epoch it reaches --max_res (default: 34/40 of --epochs)")
+    group.add_argument("--blurpool", action=argparse.BooleanOptionalAction, default=None,
+                       help="ResNets: blur before every strided convolution (BlurPool, as the reference trains "
+                            "imagenet; default: off, on for imagenet)")
     group.add_argument("--sync_bn", action="store_true",
                        help="multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm), so that a run on "
                             "N GPUs normalizes like one on a single GPU")
-    group.add_argument("--memory_format", default="contiguous", choices=("contiguous", "channels_last"),
+    group.add_argument("--memory_format", default=None, choices=("contiguous", "channels_last"),
                        help="weight and activation layout: contiguous is PyTorch's default, as the blog; "
-                            "channels_last runs bf16/fp16 convolutions faster on recent GPUs")
-    group.add_argument("--max_grad_norm", type=float, default=1.0,
-                       help="clip the gradient norm at every optimizer step (0: off). The blog clipped at 1.0, but on "
-                            "every micro-batch; here it is clipped once per accumulated step")
-    cli.add_run_args(parser, default_epochs=15)
+                            "channels_last runs bf16/fp16 convolutions faster on recent GPUs (default for imagenet)")
+    group.add_argument("--max_grad_norm", type=float, default=None,
+                       help="clip the gradient norm at every optimizer step (0: off). The blog clipped at 1.0 (the "
+                            "default), but on every micro-batch; here it is clipped once per accumulated step. "
+                            "imagenet: off, as the reference")
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--decode_on_device", action="store_true",
+                       help="the DataLoader workers only read the JPEGs' bytes; the training device decodes each batch "
+                            "at once (nvJPEG on CUDA, through TorchCodec) and draws RandomResizedCrop + flip there, "
+                            "with the seeds the workers would use. For when the CPUs cannot feed the GPUs: about 300 "
+                            "images/s per core decode on a CPU, an A100 trains ResNet-50 at ~3,300 (benchmarks/README.md)."
+                            " Training augmentations other than resized_crop_flip (imagenet, custom) stay on the CPU")
+    cli.add_run_args(parser, default_epochs=None)
+    parser._option_string_actions["--epochs"].help = "training epochs (default: 15, the blog's; 40 for imagenet)"
     cli.add_hub_args(parser)
     return parser
 
 
 def main(args):
-    preset = resolve_preset(args, "supervised_" + ("baseline" if args.baseline else "mrl-e" if args.tied else "mrl"))
+    fill_recipe(args)  # the flags left out: the dataset's recipe (the blog's, or the MRL paper's for imagenet)
+    check_args(args)
+    preset = resolve_preset(args, "supervised_" + variant(args))
     pusher = checkpoint_pusher(args)  # with --hub_push_checkpoints: every checkpoint saved is uploaded
     run = start_run(args, after_save=pusher)  # --batch_size is the global batch, split over the processes
     accelerator, state = run.accelerator, run.state
 
     # ---- data: train / validation / test, decoded and augmented lazily in the DataLoader workers
-    splits = load_data(run)
-    train_transform = attach_transforms(splits, preset.augment, args.image_size, preset.mean, preset.std, args.seed)
+    splits = load_data(run, streams=True)  # webdataset shards come as streams (mrl.streams)
+    train_transform = attach_transforms(splits, preset.augment, args.image_size, preset.mean, preset.std, args.seed,
+                                        decoder=args.decoder)
     eval_batch_size = args.batch_size * args.grad_accum_steps  # no activations kept for backward: bigger batches fit
-    train_loader = data_loader(args, splits.train, args.batch_size, train=True)
+    if args.decode_on_device:  # the workers send the JPEGs' bytes; forward decodes and augments them on the device
+        splits.train.set_transform(EncodeTransform(args.decoder))
+        train_loader = data_loader(args, splits.train, args.batch_size, train=True, collate_fn=EncodedCollate())
+    else:
+        train_loader = data_loader(args, splits.train, args.batch_size, train=True)
     val_loader = data_loader(args, splits.val, eval_batch_size, train=False)
     test_loader = data_loader(args, splits.test, eval_batch_size, train=False) if splits.test is not None else None
 
     # ---- model: backbone + one linear head per prefix dim (a single full-width head for the baseline)
     cifar_stem = {"auto": None, "on": True, "off": False}[args.cifar_stem]
-    backbone = build_backbone(args.model, args.image_size, cifar_stem, args.norm)
+    backbone = build_backbone(args.model, args.image_size, cifar_stem, args.norm, blurpool=args.blurpool)
     if args.baseline:
         dims = [backbone.embed_dim]
+    elif args.fixed_feature:  # FF-K: one head, on the first K dims
+        dims = check_dims([args.fixed_feature], backbone.embed_dim)
     else:
         dims = check_dims(cli.flat_dims(args.dims) or default_dims(backbone.embed_dim), backbone.embed_dim)
     model = MatryoshkaClassifier(backbone, MatryoshkaHeads(dims, len(splits.class_names), tied=args.tied))
@@ -91,24 +154,29 @@ def main(args):
     if args.memory_format == "channels_last":  # the convolutions' outputs follow their weights' layout
         model = model.to(memory_format=torch.channels_last)
     loss_weights = torch.tensor(dim_weights(dims, args.dim_weights, given=cli.flat_dims(args.dims)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.no_decay)
 
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     test_loader = accelerator.prepare(test_loader) if test_loader is not None else None
     loss_weights = loss_weights.to(accelerator.device)
     steps = steps_per_epoch(args, train_loader)
-    lr_schedule = exponential_schedule(args.lr, args.lr_gamma, args.epochs, steps)  # per optimizer step, precomputed
+    lr_schedule = warmup_then(args.lr_schedule, args.lr, args.epochs, steps, args.warmup_epochs, args.lr_gamma)
     run.resume()
 
     def forward(batch):  # the sum of the heads' cross-entropies, each weighted by its dim's --dim_weights
-        _, logits = model(batch["pixel_values"])
-        per_dim = per_head_cross_entropy(logits, batch["labels"])
+        pixels = batch["pixel_values"]
+        if args.decode_on_device:
+            pixels = decode_batch(batch, resolution(args, state.epoch), state.epoch, True, preset.mean, preset.std,
+                                  args.seed, channels_last=args.memory_format == "channels_last")
+        _, logits = model(pixels)
+        per_dim = per_head_cross_entropy(logits, batch["labels"], args.label_smoothing)
         return (loss_weights * per_dim).sum(), per_dim
 
     parameters = sum(p.numel() for p in model.parameters())
     split_sizes = {"train": len(splits.train), "val": len(splits.val),
                    "test": len(splits.test) if splits.test is not None else 0}
-    heads = {"dims": dims, "num_classes": len(splits.class_names), "tied": args.tied, "baseline": args.baseline}
+    heads = {"dims": dims, "num_classes": len(splits.class_names), "tied": args.tied, "baseline": args.baseline,
+             "fixed_feature": args.fixed_feature}
     config = start_tracking(run, {  # what the code derived from the flags, next to them on the W&B page
         "dims": dims, "embed_dim": backbone.embed_dim, "num_classes": len(splits.class_names),
         "split_sizes": split_sizes, "parameters": parameters, "steps_per_epoch": steps,
@@ -128,18 +196,22 @@ def main(args):
 
     # ---- train; the heads' validation accuracy after every epoch
     for epoch in run.epochs():
+        if args.min_res and not args.decode_on_device:  # progressive resizing (evaluation stays at --image_size)
+            train_transform.transform = build_transform(preset.augment, resolution(args, epoch), preset.mean,
+                                                        preset.std, train=True)
         train_one_epoch(run, model, optimizer, train_loader, train_transform, lr_schedule, dims, loss_weights,
                         forward)
-        val = evaluate(accelerator, model, val_loader, dims)
+        val = evaluate(accelerator, model, val_loader, dims, args.label_smoothing)
         state.history.append({"epoch": epoch + 1, "step": state.step, "val_accuracy": val["accuracy"],
-                              "val_loss": val["loss"]})
+                              "val_loss": val["loss"]} | ({"val_top5": val["top5"]} if "top5" in val else {})
+                             | ({"train_resolution": resolution(args, epoch)} if args.min_res else {}))
         log_history_row(accelerator, state, validation_log(dims, state.history[-1]), step=state.step)
         accelerator.print(f"epoch {epoch + 1}: val accuracy " + "  ".join(
             f"d{d} {a:.3f}" for d, a in zip(dims, val["accuracy"])))
 
     # ---- final evaluation, model and reports
-    val = evaluate(accelerator, model, val_loader, dims, keep_embeddings=2000)
-    test = evaluate(accelerator, model, test_loader, dims) if test_loader is not None else None
+    val = evaluate(accelerator, model, val_loader, dims, args.label_smoothing, keep_embeddings=2000)
+    test = evaluate(accelerator, model, test_loader, dims, args.label_smoothing) if test_loader is not None else None
     save_model(accelerator, model, args.output_dir, config)
     if accelerator.is_main_process:
         write_reports(args, accelerator, dims, val, test, state, splits.class_names)
@@ -148,8 +220,9 @@ def main(args):
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, dims, keep_embeddings=0):
-    """Per-head accuracy and mean cross-entropy over the whole split, gathered from every process.
+def evaluate(accelerator, model, loader, dims, label_smoothing=0.0, keep_embeddings=0):
+    """Per-head top-1 accuracy (and top-5 with more than 10 classes) and mean cross-entropy (with the training loss's
+    label smoothing, so that the two compare) over the whole split, gathered from every process.
 
     `keep_embeddings` > 0 also returns the first that many embeddings and labels (for the PCA plot).
     """
@@ -169,7 +242,10 @@ def evaluate(accelerator, model, loader, dims, keep_embeddings=0):
         raise UserError(f"none of the {len(labels)} evaluation images could be read (corrupt or empty files?)")
     logits, labels = logits[valid].transpose(0, 1), labels[valid]
     result = {"accuracy": (logits.argmax(-1) == labels).float().mean(1).tolist(),
-              "loss": per_head_cross_entropy(logits, labels).tolist(), "n": len(labels)}
+              "loss": per_head_cross_entropy(logits, labels, label_smoothing).tolist(), "n": len(labels)}
+    if logits.shape[-1] > 10:
+        top5 = logits.topk(5, dim=-1).indices
+        result["top5"] = (top5 == labels[:, None]).any(-1).float().mean(1).tolist()
     if keep_embeddings:
         embeddings = torch.cat(embeddings)
         kept = valid[:len(embeddings)]
@@ -178,25 +254,64 @@ def evaluate(accelerator, model, loader, dims, keep_embeddings=0):
     return result
 
 
+def check_args(args):
+    """What argparse cannot check, before any work is done."""
+    if args.fixed_feature is not None and (args.baseline or args.tied or args.dims):
+        raise UserError("--fixed_feature K trains one head on the first K dims: it goes with none of --baseline, "
+                        "--tied, --dims")
+    if args.fixed_feature is not None and args.fixed_feature < 1:
+        raise UserError(f"--fixed_feature must be at least 1, got {args.fixed_feature}")
+    if args.min_res is not None and not (0 < args.min_res <= args.max_res and args.start_ramp <= args.end_ramp):
+        raise UserError(f"progressive resizing needs 0 < --min_res <= --max_res and --start_ramp <= --end_ramp, got "
+                        f"{args.min_res}, {args.max_res}, {args.start_ramp}, {args.end_ramp}")
+    if args.decode_on_device and get_preset(args.dataset).augment != "resized_crop_flip":
+        raise UserError(f"--decode_on_device draws RandomResizedCrop + flip on the device; --dataset {args.dataset} "
+                        f"trains with its own augmentation ({get_preset(args.dataset).augment})")
+    if args.decode_on_device and args.dataset_path and is_webdataset(args.dataset_path):
+        raise UserError("--decode_on_device reads map-style sources (an ILSVRC folder, the Hub's parquet layout); "
+                        "webdataset shards decode in the workers")
+    if not 0 <= args.label_smoothing < 1:
+        raise UserError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        raise UserError(f"--warmup_epochs must be in 0..--epochs ({args.epochs}), got {args.warmup_epochs}")
+
+
+def variant(args):
+    """What is trained, as the default --output_dir and the reports name it."""
+    if args.fixed_feature:
+        return f"ff{args.fixed_feature}"
+    return "baseline" if args.baseline else "mrl-e" if args.tied else "mrl"
+
+
+def resolution(args, epoch):
+    """The training resolution of `epoch`: --image_size, or progressive resizing's."""
+    if not args.min_res:
+        return args.image_size
+    return progressive_resolution(epoch, args.min_res, args.max_res, args.start_ramp, args.end_ramp)
+
+
 def validation_log(dims, row):
     """What W&B gets for an epoch's validation row of state.history (and what a resumed run logs again)."""
     return {"epoch": row["epoch"], "val/loss": sum(row["val_loss"]),
             "val/loss_mean_over_dims": sum(row["val_loss"]) / len(row["val_loss"]),
             **{f"val/accuracy_d{d}": a for d, a in zip(dims, row["val_accuracy"])},
+            **{f"val/top5_d{d}": a for d, a in zip(dims, row.get("val_top5", ()))},
+            **({"train/resolution": row["train_resolution"]} if "train_resolution" in row else {}),
             **{f"val/loss_d{d}": l for d, l in zip(dims, row["val_loss"])}}
 
 
 def write_reports(args, accelerator, dims, val, test, state, class_names):
     """metrics.json, the per-dim table on stdout and in W&B, and the plots (PNG files, also sent to W&B)."""
     metrics = {"protocol": "each Matryoshka head's own prediction (no probe)", "dims": dims,
-               "val": {k: val[k] for k in ("accuracy", "loss", "n")},
-               "test": {k: test[k] for k in ("accuracy", "loss", "n")} if test else None,
+               "val": {k: val[k] for k in ("accuracy", "top5", "loss", "n") if k in val},
+               "test": {k: test[k] for k in ("accuracy", "top5", "loss", "n") if k in test} if test else None,
                "history": state.history, "steps": state.step}
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 
-    columns = {"val_accuracy": val["accuracy"]} | ({"test_accuracy": test["accuracy"]} if test else {})
-    label = "baseline" if args.baseline else "MRL-E" if args.tied else "MRL"
+    columns = {f"{split}_{metric}": result[metric] for split, result in (("val", val), ("test", test)) if result
+               for metric in ("accuracy", "top5") if metric in result}
+    label = {"mrl": "MRL", "mrl-e": "MRL-E", "baseline": "baseline"}.get(variant(args), f"FF-{args.fixed_feature}")
     print(f"\n{label} heads ({args.model} on {args.dataset}), accuracy per dim:")
     print("  dim  " + "  ".join(f"{c:>13}" for c in columns))
     for i, d in enumerate(dims):
@@ -205,7 +320,7 @@ def write_reports(args, accelerator, dims, val, test, state, class_names):
     log_per_dim_table(accelerator, "accuracy_per_dim", dims, columns, step=state.step,
                       chart_key="charts/accuracy_vs_dim", title=f"{label} heads: accuracy against log2(dim)")
     if test:  # the runs table compares runs by these (val/accuracy_d* hold their best and last epochs there)
-        log_summary(accelerator, {f"test/{name}_d{d}": value for name in ("accuracy", "loss")
+        log_summary(accelerator, {f"test/{name}_d{d}": value for name in ("accuracy", "top5", "loss") if name in test
                                   for d, value in zip(dims, test[name])})
 
     plot_dims = sorted({dims[0], dims[len(dims) // 3], dims[2 * len(dims) // 3], dims[-1]})

@@ -121,11 +121,12 @@ def follow_launcher():
 
 
 def write_preempted_marker(output_dir, step, checkpoint, signal_name):
-    """The run folder's record that the run stopped for a preemption after saving `checkpoint` (and the same record
-    for `python -m mrl.supervise`, when the run was started under it)."""
+    """The run folder's record that the run stopped for a preemption after saving `checkpoint` (`output_dir` None:
+    not this process's to write), and the same record for `python -m mrl.supervise`, when this machine's processes
+    were started under it (each machine of a multi-node run has its own supervisor)."""
     record = json.dumps({"step": step, "checkpoint": checkpoint, "signal": signal_name,
                          "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
-    for path in (os.path.join(output_dir, PREEMPTED_MARKER), os.environ.get(PREEMPTED_NOTICE_ENV)):
+    for path in (output_dir and os.path.join(output_dir, PREEMPTED_MARKER), os.environ.get(PREEMPTED_NOTICE_ENV)):
         if path:
             with open(path, "w") as f:
                 f.write(record)

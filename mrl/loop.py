@@ -143,8 +143,9 @@ def after_optimizer_step(run, guard):
         guard.check(accelerator)
         path = run.save_checkpoint()
     if stop:
-        if accelerator.is_main_process:
-            write_preempted_marker(args.output_dir, state.step, path, run.preemption.received or "another process's")
+        if accelerator.is_local_main_process:  # the run folder's marker once; every machine's supervisor's notice
+            write_preempted_marker(args.output_dir if accelerator.is_main_process else None, state.step, path,
+                                   run.preemption.received or "another process's")
         mark_preempting(accelerator)
         accelerator.end_training()
         raise Preempted(f"saved {path} at step {state.step}; relaunch the same command with "

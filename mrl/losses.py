@@ -51,10 +51,11 @@ class MatryoshkaLoss(nn.Module):
         return (self.weights.to(per_dim.dtype) * per_dim).sum(), per_dim.detach()
 
 
-def per_head_cross_entropy(logits, labels):
+def per_head_cross_entropy(logits, labels, label_smoothing=0.0):
     """Mean cross-entropy of every head at once: logits (heads, batch, classes) -> losses (heads,)."""
     heads = logits.shape[0]
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(heads), reduction="none")
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(heads), reduction="none",
+                             label_smoothing=label_smoothing)
     return losses.view(heads, -1).mean(1)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from mrl import UserError, cli
@@ -19,6 +20,7 @@ from mrl.distributed import make_accelerator
 from mrl.guards import Preemption, ignore_signals_in_worker
 from mrl.publish import publish_run
 from mrl.run_config import write_config
+from mrl.streams import ShardedStream, StreamLoader
 from mrl.tracking import finish_tracking, init_tracking, log_model_artifact, wandb_info
 from mrl.transforms import Collate, FillUnreadable
 
@@ -100,25 +102,42 @@ def build_accelerator(args, mixed_precision=None):
     return accelerator
 
 
-def load_data(run):
+def load_data(run, streams=False):
     """The run's splits (train / validation / test, and STL-10's unlabeled), prepared by the main process first so
-    that the others read its cache."""
+    that the others read its cache. `streams`: whether the script can train on webdataset shards (streamed)."""
     args = run.args
     with run.accelerator.main_process_first():
-        return load_splits(args.dataset, args.dataset_path, seed=args.seed, val_fraction=args.val_fraction,
-                           test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
-                           max_eval_samples=args.max_eval_samples, min_image_size=args.min_image_size)
+        splits = load_splits(args.dataset, args.dataset_path, seed=args.seed, val_fraction=args.val_fraction,
+                             test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
+                             max_eval_samples=args.max_eval_samples, min_image_size=args.min_image_size)
+    if isinstance(splits.train, ShardedStream) and not streams:
+        raise UserError(f"--dataset_path {args.dataset_path} holds webdataset shards, which only train_supervised.py "
+                        "streams; give this script a map-style copy (an ILSVRC folder or the Hub's parquet layout)")
+    return splits
 
 
-def data_loader(args, dataset, batch_size, train):
+def data_loader(args, dataset, batch_size, train, collate_fn=None):
     """A DataLoader over `dataset` with unreadable images filled in (training) or masked (evaluation).
 
     Training batches are whole: on N processes Accelerate would pad an epoch's last, incomplete batch with images
     repeated from its start, so that step would not be the one a single process takes (an epoch leaves out fewer
-    than --batch_size images, others each epoch); a contrastive loss also compares within a batch."""
+    than --batch_size images, others each epoch); a contrastive loss also compares within a batch. `collate_fn`:
+    instead of transforms.Collate (--decode_on_device's EncodedCollate).
+
+    Webdataset shards (mrl.streams.ShardedStream) get a StreamLoader instead: it splits the shards over the processes
+    itself, so `accelerator.prepare` passes it through untouched."""
+    if isinstance(dataset, ShardedStream):
+        state = PartialState()
+        loader = StreamLoader(dataset, batch_size, train=train, seed=args.seed, num_workers=args.num_workers,
+                              num_processes=state.num_processes, process_index=state.process_index,
+                              device=state.device, shuffle_buffer=args.shuffle_buffer, log=state.print)
+        state.print(f"{'training' if train else 'evaluation'} stream: {loader.describe()}")
+        if train:
+            check_one_batch(loader, len(dataset), batch_size)
+        return loader
     loader = torch.utils.data.DataLoader(
         FillUnreadable(dataset, evaluation=not train), batch_size=batch_size, shuffle=train, drop_last=train,
-        num_workers=args.num_workers, collate_fn=Collate(), pin_memory=torch.cuda.is_available(),
+        num_workers=args.num_workers, collate_fn=collate_fn or Collate(), pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_signals_in_worker)
     if train:
         check_one_batch(loader, len(dataset), batch_size)
