@@ -11,8 +11,9 @@ and two adaptive-inference curves: classification that cascades from small to la
 confident, and retrieval that shortlists with a small prefix and re-ranks with the full embedding (timed).
 
 Features are extracted once per checkpoint and split (train, validation, test), with every Accelerate process
-embedding its shard, and cached in <checkpoint>/features, so a second evaluation starts from the cache. The
-splits are those the run trained with (its config's dataset, seed and fractions), unless flags say otherwise.
+embedding its shard, and streamed into <checkpoint>/features (float16, read back memory-mapped), so a second
+evaluation starts from the cache. The splits are those the run trained with (its config's dataset, seed and
+fractions), unless flags say otherwise.
 Results go to --output_dir: results.json, results.md, PNG plots, and with --report_to wandb a W&B run
 (mrl/eval_report.py).
 
@@ -33,12 +34,15 @@ from mrl import UserError, cli
 from mrl.checkpoint import MODEL_FILE, TrainState, checkpoint_run_dir, is_checkpoint, load_model, read_config
 from mrl.data import load_splits, split_record, trained_rows
 from mrl.distributed import make_accelerator
-from mrl.eval_report import log_results, results_markdown, write_outputs
-from mrl.features import features_cache_key, file_digest, load_or_extract, pca
+from mrl.eval_report import (comparison, log_results, results_markdown, run_family, wants_comparison,
+                             write_outputs)
+from mrl.features import PCA_FIT_SAMPLES, features_cache_key, file_digest, load_or_extract, pca
 from mrl.model_card import update_card_with_evaluation
 from mrl.models import default_dims
-from mrl.probe import L2_GRID, cascade, sklearn_probe, torch_probe
+from mrl.probe import L2_GRID, PROBE_MAX_TRAIN_SAMPLES, cascade, sklearn_probe, torch_probe
 from mrl.retrieval import adaptive_retrieval, neighbor_metrics
+from mrl.robustness import SHIFTED_SETS, heads_top1, load_shifted, parse_paths
+from mrl.streams import is_webdataset
 from mrl.tracking import default_run_name, init_tracking
 from mrl.transforms import ImageTransform, build_transform
 
@@ -68,6 +72,12 @@ def get_args_parser():
     group.add_argument("--probe_l2", type=lambda s: [float(v) for v in s.split(",")], default=list(L2_GRID),
                        help="torch probe: comma-separated L2 strengths (per-sample scale; sklearn's C=1 is 1/n)")
     group.add_argument("--probe_max_iter", type=int, default=100, help="torch probe: L-BFGS iterations cap per fit")
+    group.add_argument("--probe_max_train_samples", type=int, default=PROBE_MAX_TRAIN_SAMPLES,
+                       help="both probes are fitted full-batch on a stratified random subset (per-class shares as in "
+                            "train, drawn with --seed) of at most this many train images, and results.json states "
+                            "how many; 0: all. The default keeps CIFAR-10 whole and fits ImageNet-1k (1.28M x "
+                            "2,048) in ~4 GB of device memory (~78 images per class); all 1.28M would need a "
+                            "mini-batch probe, which this is not")
     group.add_argument("--knn_k", type=int, default=20, help="kNN neighbours (DINO: 20)")
     group.add_argument("--knn_temperature", type=float, default=0.07, help="kNN vote weight exp(cos / T) (DINO: 0.07)")
     group.add_argument("--retrieval_k", type=int, nargs="+", default=[10],
@@ -80,6 +90,23 @@ def get_args_parser():
                             "databases)")
     group.add_argument("--pca", action=argparse.BooleanOptionalAction, default=True,
                        help="also evaluate the PCA baseline (PCA of the full train embedding reduced to each d)")
+    group.add_argument("--pca_fit_samples", type=int, default=PCA_FIT_SAMPLES,
+                       help="the PCA baseline's mean and axes are fitted on this many train images drawn at random "
+                            "(with --seed; 0: all), then every split is projected in chunks")
+    group.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                       help="the MRL paper's Figure 2 (comparison.png and a table): top-1 / top-5 against dim of "
+                            "MRL's heads, MRL-E's heads, the fixed-feature FF-K runs (one point per run, at d=K) and "
+                            "the baseline's PCA to d with the probe. Default: on when the checkpoints include an FF-K "
+                            "run or runs of more than one kind")
+    group.add_argument("--robustness", nargs="+", default=[], choices=list(SHIFTED_SETS), metavar="SET",
+                       help="supervised ImageNet runs: also each head's top-1 on these distribution-shift test sets "
+                            f"({', '.join(SHIFTED_SETS)}), with the run's evaluation preprocessing; ImageNet-A and -R "
+                            "cover 200 classes, and the heads' argmax is restricted to them (as their authors "
+                            "evaluate). Read from the Hub unless --robustness_path gives a folder")
+    group.add_argument("--robustness_path", nargs="+", default=[], metavar="SET=DIR",
+                       help="a local copy of a robustness set, as distributed: DIR holds one subfolder per class, "
+                            "named by WordNet id (n01440764) or, as ImageNetV2 ships, by class index (0..999); "
+                            "a set given here is evaluated without naming it in --robustness")
     group = parser.add_argument_group("run and outputs")
     group.add_argument("--batch_size", type=int, default=256, help="images per forward pass and process (extraction)")
     group.add_argument("--output_dir", default=None,
@@ -123,23 +150,41 @@ def main(args):
 
     for path, (_, heads, config) in zip(args.checkpoint, models):
         check_classes(path, heads, config, class_names)
+    families = [run_family(config) for _, _, config in models]
+    compare = args.compare if args.compare is not None else wants_comparison(families)
+    shifted = load_robustness_sets(args, models, accelerator)
 
     results = {"dataset": data, "eval_split": eval_split, "class_names": class_names, "protocols": protocols(args),
                "runs": []}
     embeddings = {}  # label -> the evaluation split's (features, labels), for the 2-D PCA scatter plots
-    for path, label, (backbone, heads, config), run_dims in zip(args.checkpoint, labels, models, dims):
+    for path, label, (backbone, heads, config), run_dims, (family, k) in zip(args.checkpoint, labels, models, dims,
+                                                                             families):
         # ---- features of every split, from the cache or the model (eval-mode preprocessing on train too)
         start = time.perf_counter()
         features = embed_splits(args, accelerator, path, backbone, config, splits)
+        shifted_features = embed_robustness_sets(args, accelerator, path, backbone, config, shifted)
         if not accelerator.is_main_process:
             continue  # the evaluation itself runs on the gathered features, in the main process
         log(f"{label}: features ready in {time.perf_counter() - start:.1f} s; evaluating dims {run_dims}")
         run = evaluate_run(args, features, eval_split, heads, run_dims, len(class_names), accelerator.device, log)
-        results["runs"].append({"label": label, "checkpoint": path, "kind": config.get("kind"),
-                                "embed_dim": config["model"]["embed_dim"],
+        if shifted_features:
+            run["robustness"] = {name: {"n": len(y), "top1": heads_top1(heads, x, y, name)}
+                                 for name, (x, y) in shifted_features.items()}
+        results["runs"].append({"label": label, "checkpoint": path, "kind": config.get("kind"), "family": family,
+                                "fixed_feature": k, "embed_dim": config["model"]["embed_dim"],
                                 "image_size": args.image_size or config["data"]["image_size"],
                                 "wandb": config.get("wandb"), **run})
         embeddings[label] = features[eval_split]
+    if shifted:
+        results["robustness"] = {name: {"title": SHIFTED_SETS[name].title, "source": source, "n": len(ds),
+                                        "restricted_to_classes": SHIFTED_SETS[name].classes_file is not None}
+                                 for name, (ds, source, _) in shifted.items()}
+    if compare and accelerator.is_main_process:
+        results["comparison"] = comparison(args, results["runs"], log)
+        results["protocols"]["comparison"] = (
+            "the MRL paper's Figure 2: top-1 / top-5 of MRL's and MRL-E's heads at their dims, of each fixed-feature "
+            "run's single head at its K (FF, one point per run), and of the probe on the baseline's embedding reduced "
+            "to d by PCA")
 
     # ---- report: results.json, results.md and plots in --output_dir, the W&B page, the model cards
     if accelerator.is_main_process:
@@ -147,7 +192,8 @@ def main(args):
         if args.report_to == "wandb":  # the W&B run started with the script; now its tables, charts and plots
             log_results(args, accelerator, results, images)
         for run in results["runs"] if args.update_model_card else []:
-            card = update_card_with_evaluation(run["checkpoint"], results_markdown(args, {**results, "runs": [run]}),
+            own = {**results, "runs": [run], "comparison": None}  # a card holds its run's results, no comparison
+            card = update_card_with_evaluation(run["checkpoint"], results_markdown(args, own),
                                                run["per_dim"], results["eval_split"], args.output_dir)
             log(f"updated the model card {card}")
     accelerator.end_training()
@@ -157,6 +203,9 @@ def check_args(args):
     for name in ("knn_k", "shortlist", "batch_size", "probe_max_iter"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    for name in ("probe_max_train_samples", "pca_fit_samples"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be 0 (all) or a positive number of images")
     if args.knn_temperature <= 0 or not args.probe_l2 or min(args.probe_l2) < 0:
         raise UserError("--knn_temperature must be positive and --probe_l2 a list of non-negative numbers")
     if any(k < 1 for k in args.retrieval_k):
@@ -173,6 +222,8 @@ def check_args(args):
     default = (os.path.join(checkpoint_run_dir(first), f"eval_{os.path.basename(os.path.normpath(first))}")
                if is_checkpoint(first) else os.path.join(first, "eval"))
     args.output_dir = args.output_dir or default
+    args.robustness_path = parse_paths(args.robustness_path)
+    args.robustness = list(dict.fromkeys([*args.robustness, *args.robustness_path]))  # in order, once each
     args.run_name = args.run_name or default_run_name("eval_" + labels[0])
 
 
@@ -202,9 +253,13 @@ def resolve_data(args, records):
                             f"{', '.join(sorted(others))}); pass --dataset to evaluate them all on one")
     dataset = args.dataset or first["dataset"]
     same = dataset == first["dataset"]
+    path = args.dataset_path or (first.get("dataset_path") if same else None)
+    if path and is_webdataset(path):  # a run trained on shards: its validation split is read from a map-style copy
+        raise UserError(f"{path} holds webdataset shards, which evaluate.py does not read (it indexes whole splits); "
+                        "pass --dataset_path with an ILSVRC folder or a copy in the Hub's parquet layout")
     flag_or_record = lambda name, default: (getattr(args, name) if getattr(args, name) is not None  # noqa: E731
                                             else first.get(name, default) if same else default)
-    return {"dataset": dataset, "dataset_path": args.dataset_path or (first.get("dataset_path") if same else None),
+    return {"dataset": dataset, "dataset_path": path,
             "seed": first.get("seed", 0), "val_fraction": flag_or_record("val_fraction", 0.1),
             "test_fraction": flag_or_record("test_fraction", 0.1), "min_image_size": flag_or_record("min_image_size", None)}
 
@@ -273,24 +328,67 @@ def resolve_dims(args, path, config, heads):
     return dims
 
 
-def embed_splits(args, accelerator, path, backbone, config, splits):
-    """{split: (features, labels)} for train, val and test, each loaded from the cache or extracted."""
+def load_robustness_sets(args, models, accelerator):
+    """{name: (dataset, source, version)} of the --robustness sets; each needs heads over ImageNet-1k's classes."""
+    if not args.robustness:
+        return {}
+    for path, (_, heads, _) in zip(args.checkpoint, models):
+        if heads is None or heads.num_classes != 1000:
+            raise UserError(f"--robustness evaluates the heads of supervised ImageNet-1k runs; {path} has "
+                            f"{'no heads' if heads is None else f'heads over {heads.num_classes} classes'}")
+    with accelerator.main_process_first():  # the main process downloads, the others read its cache
+        sets = {name: load_shifted(name, args.robustness_path.get(name)) for name in args.robustness}
+    for name, (ds, source, _) in sets.items():
+        accelerator.print(f"{SHIFTED_SETS[name].title}: {len(ds)} images from {source}")
+    return sets
+
+
+def eval_transform(args, accelerator, config):
+    """The run's evaluation preprocessing (e.g. Resize 256 -> CenterCrop 224 for ImageNet), and its description for
+    the feature cache's key."""
     data = config["data"]
     image_size = args.image_size or data["image_size"]
     try:
         transform = build_transform(data["augment"], image_size, data["mean"], data["std"], train=False)
     except UserError:  # a train-only augmentation name (e.g. SSL's two views): evaluation is the plain resize
         transform = build_transform("none", image_size, data["mean"], data["std"], train=False)
-    preprocessing = {"transform": repr(transform), "mixed_precision": accelerator.mixed_precision}
-    digest = file_digest(os.path.join(path, MODEL_FILE))
+    return transform, {"transform": repr(transform), "mixed_precision": accelerator.mixed_precision}
+
+
+def feature_cache_dir(args, path):
     cache_dir = args.feature_cache or os.path.join(path, "features")
-    cache_dir = None if cache_dir.lower() == "none" else cache_dir
+    return None if cache_dir.lower() == "none" else cache_dir
+
+
+def embed_robustness_sets(args, accelerator, path, backbone, config, shifted):
+    """{set name: (features, labels)} of the robustness sets, cached like the splits (<name>-<key>.pt)."""
+    if not shifted:
+        return {}
+    transform, preprocessing = eval_transform(args, accelerator, config)
+    digest = file_digest(os.path.join(path, MODEL_FILE))
+    cache_dir = feature_cache_dir(args, path)
+    features = {}
+    for name, (dataset, _, version) in shifted.items():
+        dataset.set_transform(ImageTransform(transform, decoder=args.decoder))
+        key = features_cache_key(digest, name, dataset, {**preprocessing, "source_version": version})
+        x, y, _ = load_or_extract(accelerator, backbone, dataset,
+                                  os.path.join(cache_dir, f"{name}-{key}.pt") if cache_dir else None,
+                                  args.batch_size, args.num_workers, log=accelerator.print)
+        features[name] = (x, y)
+    return features
+
+
+def embed_splits(args, accelerator, path, backbone, config, splits):
+    """{split: (features, labels)} for train, val and test, each loaded from the cache or extracted."""
+    transform, preprocessing = eval_transform(args, accelerator, config)
+    digest = file_digest(os.path.join(path, MODEL_FILE))
+    cache_dir = feature_cache_dir(args, path)
     features = {}
     for name in ("train", "val", "test"):
         dataset = getattr(splits, name)
         if dataset is None:
             continue
-        dataset.set_transform(ImageTransform(transform))
+        dataset.set_transform(ImageTransform(transform, decoder=args.decoder))
         cache_file = (os.path.join(cache_dir, f"{name}-{features_cache_key(digest, name, dataset, preprocessing)}.pt")
                       if cache_dir else None)
         x, y, _ = load_or_extract(accelerator, backbone, dataset, cache_file, args.batch_size, args.num_workers,
@@ -312,9 +410,11 @@ def evaluate_run(args, features, eval_split, heads, dims, num_classes, device, l
     def probe(x_train, x_val, x_eval, name):
         say = lambda line: log(f"{name}: {line}")  # noqa: E731
         if args.probe == "sklearn":
-            return sklearn_probe(x_train, train_y, x_eval, eval_y, dims, log=say)
+            return sklearn_probe(x_train, train_y, x_eval, eval_y, dims, log=say,
+                                 max_train_samples=args.probe_max_train_samples, seed=args.seed)
         return torch_probe(x_train, train_y, x_eval, eval_y, dims, num_classes, x_val, val_y, l2_grid=args.probe_l2,
-                           max_iter=args.probe_max_iter, seed=args.seed, device=device, log=say)
+                           max_iter=args.probe_max_iter, seed=args.seed, device=device, log=say,
+                           max_train_samples=args.probe_max_train_samples)
 
     def neighbors(x_train, x_eval):
         return neighbor_metrics(x_train, train_y, x_eval, eval_y, dims, num_classes, args.knn_k,
@@ -332,9 +432,10 @@ def evaluate_run(args, features, eval_split, heads, dims, num_classes, device, l
 
     if args.pca:
         start = time.perf_counter()
-        pca_train, pca_eval, *pca_val = pca(train_x, eval_x, *([val_x] if val_x is not None else []))
+        pca_train, pca_eval, *pca_val = pca(train_x, eval_x, *([val_x] if val_x is not None else []),
+                                             fit_samples=args.pca_fit_samples, seed=args.seed, device=device)
         for p in probe(pca_train, pca_val[0] if pca_val else None, pca_eval, "PCA"):
-            rows[p.dim].update(pca_probe=p.accuracy)
+            rows[p.dim].update(pca_probe=p.accuracy, pca_probe_top5=topk_accuracy(p.probs, eval_y, 5))
         for r in neighbors(pca_train, pca_eval):
             rows[r["dim"]].update({f"pca_{k}": v for k, v in r.items() if k != "dim"})
         timings["pca"] = time.perf_counter() - start
@@ -352,6 +453,8 @@ def evaluate_run(args, features, eval_split, heads, dims, num_classes, device, l
         # the cascade runs over all of the model's heads, whichever dims the table shows
         adaptive["heads"] = cascade([z.softmax(-1) for z in head_logits], heads.dims, eval_y)
         adaptive["heads_fixed"] = {"dims": heads.dims, "accuracy": head_accuracy}
+        heads_result = {"dims": heads.dims, "top1": head_accuracy,
+                        "top5": [topk_accuracy(logits, eval_y, 5) for logits in head_logits]}
 
     start = time.perf_counter()
     k = args.retrieval_k[0]
@@ -361,7 +464,16 @@ def evaluate_run(args, features, eval_split, heads, dims, num_classes, device, l
     log("  ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
     return {"dims": dims, "per_dim": [rows[d] for d in sorted(rows)], "adaptive_classification": adaptive,
             "adaptive_retrieval": funnel, "seconds": timings,
-            "n": {"train": len(train_x), "val": len(features["val"][0]), "eval": len(eval_x)}}
+            "n": {"train": len(train_x), "val": len(features["val"][0]), "eval": len(eval_x),
+                  "probe_train": probes[0].train_samples,
+                  "pca_fit": min(len(train_x), args.pca_fit_samples or len(train_x))},
+            **({"heads": heads_result} if heads is not None else {})}
+
+
+def topk_accuracy(scores, labels, k):
+    """Fraction of rows whose label is among their k highest scores (all of them when there are fewer classes)."""
+    top = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+    return (top == labels[:, None]).any(-1).float().mean().item()
 
 
 def protocols(args):
@@ -372,6 +484,9 @@ def protocols(args):
              if args.probe == "torch" else
              "offline linear probe, the seed's protocol: StandardScaler + CalibratedClassifierCV("
              "LogisticRegression(max_iter=100)), fitted on train")
+    if args.probe_max_train_samples:
+        probe += (f"; fitted on a stratified random subset of at most {args.probe_max_train_samples} train images "
+                  "(n.probe_train: how many)")
     described = {
         "probe": probe,
         "knn": f"weighted kNN top-1 (k={args.knn_k}, T={args.knn_temperature}, cosine on the L2-renormalized prefix; "
@@ -379,7 +494,9 @@ def protocols(args):
         "retrieval": f"queries: evaluation split, database: train split, relevant = same label; precision@k and "
                      f"mAP@k for k in {k} (AP@k divided by min(k, relevant items); map_mrl@k divides by k as the "
                      "MRL paper's code does); top1 = 1-NN accuracy",
-        "pca": "PCA of the full train embedding reduced to d, then the same probe / kNN / retrieval",
+        "pca": "PCA of the full train embedding reduced to d, then the same probe / kNN / retrieval"
+               + (f"; mean and axes fitted on at most {args.pca_fit_samples} random train images (n.pca_fit)"
+                  if args.pca_fit_samples else ""),
         "head": "each Matryoshka head's own prediction (no probe; supervised runs only)",
         "adaptive_classification": "cascade from the smallest dim up, stop when the max softmax probability "
                                    "reaches the threshold; accuracy vs expected dims (heads, and the probes)",
@@ -388,6 +505,10 @@ def protocols(args):
                               "search on this machine, median of 3 runs over up to 2000 queries) vs full-dim search "
                               "with the same kind of index",
     }
+    if args.robustness:
+        described["robustness"] = ("each head's own top-1 on distribution-shifted ImageNet test sets, with the run's "
+                                   "evaluation preprocessing; on ImageNet-A and -R (200 classes) the argmax runs over "
+                                   "those 200 classes' logits only")
     return {name: text for name, text in described.items() if name != "pca" or args.pca}
 
 

@@ -16,6 +16,68 @@ from mrl.tracking import (log_charts, log_image_files, log_summary, log_table, s
 
 # An adaptive curve's summary point: the cheapest that is within this much of the full-dim result
 ADAPTIVE_TOLERANCE = 0.01
+# The comparison's series, in the paper's order
+FAMILIES = ("MRL", "MRL-E", "FF", "baseline")
+
+
+def run_family(config):
+    """(family, K) of a run, for the comparison: "MRL", "MRL-E", "FF" (fixed feature: one head on the first K dims;
+    a run with a single head that is not --baseline is one, whatever flag made it), "baseline" (one head on the whole
+    embedding) or "SSL" (no heads); K for FF, otherwise None."""
+    heads = config.get("heads")
+    if not heads:
+        return "SSL", None
+    if heads.get("baseline"):
+        return "baseline", None
+    if heads.get("fixed_feature") or len(heads["dims"]) == 1:
+        return "FF", int(heads.get("fixed_feature") or heads["dims"][0])
+    return ("MRL-E" if heads.get("tied") else "MRL"), None
+
+
+def wants_comparison(families):
+    """--compare's default: the figure is drawn when there is something to compare, an FF-K run (FF is a set of
+    runs) or runs of more than one kind."""
+    kinds = {family for family, _ in families if family != "SSL"}
+    return "FF" in kinds or len(kinds) > 1
+
+
+def comparison(args, runs, log=print):
+    """The MRL paper's Figure 2 as data: {"series": [{name, family, runs, dims, top1, top5}], "dims": [...]}.
+
+    MRL and MRL-E: each run's heads at their dims. FF: every fixed-feature run is one point, its single head at d=K,
+    and the points make one line. baseline: the probe on the baseline's embedding reduced to d by PCA (its
+    pca_probe rows). Runs without heads (SSL) have no place in it.
+    """
+    series = []
+    for family in FAMILIES:
+        members = [run for run in runs if run.get("family") == family]
+        if family == "FF" and members:
+            points = {}
+            for run in members:
+                k = run["fixed_feature"]
+                if k in points:
+                    raise UserError(f"two fixed-feature runs at K={k} ({points[k][0]}, {run['label']}): the FF line "
+                                    "has one point per K; evaluate one of them")
+                points[k] = (run["label"], run["heads"]["top1"][0], run["heads"]["top5"][0])
+            dims = sorted(points)
+            series.append({"name": "FF", "family": family, "runs": [points[k][0] for k in dims], "dims": dims,
+                           "top1": [points[k][1] for k in dims], "top5": [points[k][2] for k in dims]})
+            continue
+        for run in members:
+            name = family if len(members) == 1 else f"{family} ({run['label']})"
+            if family == "baseline":
+                if not args.pca:
+                    log(f"comparison: --no-pca leaves out the PCA line of {run['label']}")
+                    continue
+                rows = [r for r in run["per_dim"] if r.get("pca_probe") is not None]
+                series.append({"name": f"{name} PCA", "family": family, "runs": [run["label"]],
+                               "dims": [r["dim"] for r in rows], "top1": [r["pca_probe"] for r in rows],
+                               "top5": [r.get("pca_probe_top5") for r in rows]})
+            else:
+                heads = run["heads"]
+                series.append({"name": name, "family": family, "runs": [run["label"]], "dims": heads["dims"],
+                               "top1": heads["top1"], "top5": heads["top5"]})
+    return {"series": series, "dims": sorted({d for s in series for d in s["dims"]})}
 
 
 def write_outputs(args, results, embeddings):
@@ -65,6 +127,10 @@ def write_outputs(args, results, embeddings):
             fixed[f"{run['label']} heads, fixed d"] = (h["dims"], h["accuracy"])
     images["adaptive_classification"] = plots.adaptive_classification(cascades, fixed,
                                                                       out("adaptive_classification.png"))
+    if results.get("comparison"):
+        images["comparison"] = plots.comparison(
+            results["comparison"]["series"], out("comparison.png"),
+            title=f"Top-1 against dim, {results['dataset']['dataset']} {results['eval_split']} split")
     images["adaptive_retrieval"] = plots.adaptive_retrieval(
         {run["label"]: [(r["speedup"], r[f"map@{k}"], r["shortlist_dim"]) for r in run["adaptive_retrieval"]]
          for run in runs}, out("adaptive_retrieval.png"), f"mAP@{k}")
@@ -91,6 +157,7 @@ def results_markdown(args, results):
         for r in run["per_dim"]:
             cells = [f"{r[key]:.4f}" if r.get(key) is not None else "" for key, _ in columns]
             lines.append(f"| {run['label']} | {r['dim']} | " + " | ".join(cells) + " |")
+    lines += comparison_markdown(results) + robustness_markdown(results)
     lines += ["", "Protocols:", ""] + [f"- **{name}**: {text}" for name, text in results["protocols"].items()]
     k = args.retrieval_k[0]
     for run in runs:
@@ -108,6 +175,49 @@ def results_markdown(args, results):
                   f"{r[f'precision@{k}']:.4f} | {r['top1']:.4f} | {r['ms_per_query']:.3f} | {r['speedup']:.2f} | "
                   f"{r['flops_ratio']:.1f} |" for r in run["adaptive_retrieval"]]
     return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(results):
+    """The comparison as a table: one row per dim, top-1 and top-5 of each series (blank where it has no point)."""
+    if not results.get("comparison"):
+        return []
+    series = results["comparison"]["series"]
+    lines = ["", f"## Comparison: top-1 / top-5 against dim ({results['eval_split']} split)", "",
+             "| dim | " + " | ".join(f"{s['name']} top-1 | {s['name']} top-5" for s in series) + " |",
+             "|---:|" + "---:|---:|" * len(series)]
+    cell = lambda v: f"{v:.4f}" if v is not None else ""  # noqa: E731
+    for d in results["comparison"]["dims"]:
+        cells = []
+        for s in series:
+            i = s["dims"].index(d) if d in s["dims"] else None
+            cells += [cell(s["top1"][i]) if i is not None else "", cell(s["top5"][i]) if i is not None else ""]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def robustness_rows(results):
+    """One row per run and head dim: the head's top-1 on the evaluation split and on each robustness set."""
+    rows = []
+    for run in results["runs"]:
+        for i, d in enumerate(run["heads"]["dims"] if run.get("robustness") else []):
+            rows.append({"run": run["label"], "dim": d, results["eval_split"]: run["heads"]["top1"][i],
+                         **{name: run["robustness"][name]["top1"][i] for name in results["robustness"]}})
+    return rows
+
+
+def robustness_markdown(results):
+    if not results.get("robustness"):
+        return []
+    sets = results["robustness"]
+    lines = ["", "## Robustness: each head's top-1 under distribution shift", "",
+             f"| run | dim | {results['eval_split']} | " + " | ".join(s["title"] for s in sets.values()) + " |",
+             "|---|---:|---:|" + "---:|" * len(sets)]
+    for row in robustness_rows(results):
+        lines.append(f"| {row['run']} | {row['dim']} | {row[results['eval_split']]:.4f} | "
+                     + " | ".join(f"{row[name]:.4f}" for name in sets) + " |")
+    lines += [""] + [f"- {s['title']}: {s['n']} images from {s['source']}"
+                     + (" (argmax over its 200 classes)" if s["restricted_to_classes"] else "") for s in sets.values()]
+    return lines
 
 
 def table_columns(args, runs):
@@ -167,6 +277,15 @@ def log_results(args, accelerator, results, images):
                                                       [p["accuracy"] for p in points])
                 for run in runs for source, points in run["adaptive_classification"].items() if source != "heads_fixed"}
     charts["charts/adaptive_classification"] = ("adaptive classification: top-1 against log2(expected dims)", cascades)
+    if results.get("comparison"):
+        series = results["comparison"]["series"]
+        charts["charts/comparison_top1"] = (f"top-1 against log2(dim): {', '.join(s['name'] for s in series)}",
+                                            {s["name"]: (s["dims"], s["top1"]) for s in series})
+        log_table(accelerator, "comparison", [
+            {"series": s["name"], "family": s["family"], "dim": d, "log2_dim": math.log2(d), "top1": top1,
+             "top5": top5} for s in series for d, top1, top5 in zip(s["dims"], s["top1"], s["top5"])], step=0)
+    if results.get("robustness"):
+        log_table(accelerator, "robustness", robustness_rows(results), step=0)
     log_charts(accelerator, charts, step=0)
 
     k = args.retrieval_k[0]
@@ -183,6 +302,8 @@ def log_results(args, accelerator, results, images):
                for key, _ in columns if r.get(key) is not None}
     for run in runs:
         summary.update(adaptive_summary(run, k))
+    summary.update({f"{row['run']}/{name}_top1_d{row['dim']}": row[name]
+                    for row in robustness_rows(results) for name in results.get("robustness", {})})
     log_summary(accelerator, summary)
     save_file(accelerator, os.path.join(args.output_dir, "results.md"))
 

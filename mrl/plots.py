@@ -43,6 +43,29 @@ def accuracy_vs_dim(curves, path, ylabel="accuracy", title="Accuracy against emb
     return _save(fig, path, ax)
 
 
+# the comparison's line style per family: MRL solid, MRL-E dashed, FF dash-dot squares, the baseline's PCA dotted
+FAMILY_STYLES = {"MRL": ("-", "o"), "MRL-E": ("--", "^"), "FF": ("-.", "s"), "baseline": (":", "x")}
+
+
+def comparison_figure(series, title="Top-1 against embedding dim"):
+    """The MRL paper's Figure 2: series [{name, family, dims, top1}], one line each against log2 dim. Returns the
+    figure (comparison saves it)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in series:
+        linestyle, marker = FAMILY_STYLES.get(s["family"], ("-", "o"))
+        ax.plot(s["dims"], [100 * v for v in s["top1"]], linestyle=linestyle, marker=marker, label=s["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("representation size d")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def comparison(series, path, title="Top-1 against embedding dim"):
+    fig = comparison_figure(series, title)
+    return _save(fig, path, fig.axes[0])
+
+
 def adaptive_classification(cascades, fixed, path, title="Adaptive classification (cascade over dims)"):
     """cascades: {label: (expected_dims, accuracies)}, one point per confidence threshold; fixed: {label: (dims,
     accuracies)} of always using one dim, drawn dashed for comparison. log2 x-axis."""

@@ -20,6 +20,11 @@ Two protocols, both on standardized features (mean and std of the train features
 
 Both return, per dim, the accuracy and the class probabilities on the evaluation set, which `cascade`
 (adaptive classification) runs over.
+
+At ImageNet scale neither fits whole (1.28M x 2,048 features and 1.28M x 5 x 1,000 logits per pass): both fit on a
+stratified random subset of at most `max_train_samples` train rows (`stratified_subset`; default
+PROBE_MAX_TRAIN_SAMPLES, more than CIFAR-10's whole train split, so small datasets use all of it), and each
+ProbeResult states how many rows it was fitted on.
 """
 
 import contextlib
@@ -31,6 +36,9 @@ import torch
 
 # L2 strengths tried per dim (per-sample scale: the loss is a mean). scikit-learn's default C = 1 is l2 = 1 / n.
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# Train rows a probe is fitted on, at most (a stratified subset beyond): ~78 per class on ImageNet-1k, whose
+# full-batch L-BFGS then needs ~4 GB of logits and features on the device instead of ~40 GB.
+PROBE_MAX_TRAIN_SAMPLES = 100_000
 
 
 @dataclass
@@ -42,6 +50,7 @@ class ProbeResult:
     val_accuracy: float | None = None
     iterations: int | None = None  # L-BFGS iterations spent at this dim (all grid values fitted together)
     seconds: float = 0.0
+    train_samples: int | None = None  # train rows the probe was fitted on (a stratified subset when fewer than all)
 
 
 def standardize(train, *others):
@@ -68,15 +77,41 @@ def stratified_split(labels, fraction, seed=0):
     return torch.cat(kept).sort().values, torch.cat(held).sort().values
 
 
+def stratified_subset(labels, max_samples, seed=0):
+    """Sorted indices of at most `max_samples` rows, every class represented in proportion to its count (largest
+    remainders round the quotas to exactly `max_samples`), each class's rows drawn at random with `seed`.
+    All rows when there are no more than `max_samples` (or it is None or 0)."""
+    labels = labels.cpu()
+    n = len(labels)
+    if not max_samples or n <= max_samples:
+        return torch.arange(n)
+    _, inverse, counts = labels.unique(return_inverse=True, return_counts=True)
+    quota = counts.double() * max_samples / n
+    take = quota.floor().long()
+    take[(quota - take).argsort(descending=True, stable=True)[:max_samples - int(take.sum())]] += 1
+    # a random order, then grouped by class (stable): each row's rank among its class's rows is random
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = order[inverse[order].argsort(stable=True)]
+    first = torch.cumsum(counts, 0) - counts  # where each class's group starts in `order`
+    rank = torch.arange(n) - first[inverse[order]]
+    return order[rank < take[inverse[order]]].sort().values
+
+
 def torch_probe(train_x, train_y, eval_x, eval_y, dims, num_classes, val_x=None, val_y=None, l2_grid=L2_GRID,
-                max_iter=100, tolerance=1e-4, val_fraction=0.1, seed=0, device=None, log=None):
+                max_iter=100, tolerance=1e-4, val_fraction=0.1, seed=0, device=None, log=None,
+                max_train_samples=PROBE_MAX_TRAIN_SAMPLES):
     """The default probe at every d in `dims` (ascending); returns one ProbeResult per dim.
 
-    Without a validation set, `val_fraction` of train (stratified) picks the L2 strength and the probe is then
-    refitted on all of train with it, warm-started, so every train label is used (as in scikit-learn's
-    protocol). With a validation set, the probe is fitted on train only.
+    Fitted on a stratified subset of at most `max_train_samples` train rows (None: all). Without a validation set,
+    `val_fraction` of those (stratified) picks the L2 strength and the probe is then refitted on all of them with
+    it, warm-started, so every train label is used (as in scikit-learn's protocol). With a validation set, the
+    probe is fitted on train only. Features may be float16 (e.g. memory-mapped from the cache): the subset alone
+    is copied, to float32, onto the device.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    subset = stratified_subset(train_y, max_train_samples, seed)
+    if len(subset) < len(train_y):
+        train_x, train_y = train_x[subset.to(train_x.device)], train_y[subset.to(train_y.device)]
     refit = val_x is None
     if refit:
         kept, held = stratified_split(train_y, val_fraction, seed)
@@ -116,7 +151,7 @@ def torch_probe(train_x, train_y, eval_x, eval_y, dims, num_classes, val_x=None,
             probs = logits(eval_x[:, :d], w, b)[:, 0].softmax(-1)
         accuracy = (probs.argmax(-1) == eval_y).float().mean().item()
         results.append(ProbeResult(d, accuracy, probs.cpu(), float(l2_grid[best]), float(val_acc[best]), iters,
-                                   time.perf_counter() - start))
+                                   time.perf_counter() - start, len(train_y)))
         if log:
             log(f"probe d={d}: accuracy {accuracy:.4f} (l2 {l2_grid[best]:.0e}, val {val_acc[best]:.4f}, "
                 f"{iters} L-BFGS iterations, {results[-1].seconds:.2f} s)")
@@ -230,9 +265,11 @@ def lbfgs(loss_and_grad, params, max_iter, tolerance, history=10):
     return params, iteration
 
 
-def sklearn_probe(train_x, train_y, eval_x, eval_y, dims, log=None, max_iter=100):
+def sklearn_probe(train_x, train_y, eval_x, eval_y, dims, log=None, max_iter=100,
+                  max_train_samples=PROBE_MAX_TRAIN_SAMPLES, seed=0):
     """The seed's protocol at every d in `dims`: StandardScaler, then
-    `CalibratedClassifierCV(LogisticRegression(max_iter=100))` (5-fold, sigmoid), fitted on all of train.
+    `CalibratedClassifierCV(LogisticRegression(max_iter=100))` (5-fold, sigmoid), fitted on all of train (a
+    stratified subset of `max_train_samples` rows beyond that, as torch_probe).
 
     lbfgs often stops at its iteration cap without converging (d >= 256 on CIFAR-10 features); its
     ConvergenceWarning is silenced here, as in the seed's notebooks.
@@ -242,6 +279,9 @@ def sklearn_probe(train_x, train_y, eval_x, eval_y, dims, log=None, max_iter=100
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    subset = stratified_subset(train_y, max_train_samples, seed)
+    if len(subset) < len(train_y):
+        train_x, train_y = train_x[subset.to(train_x.device)], train_y[subset.to(train_y.device)]
     train_x, eval_x = train_x.float().cpu().numpy(), eval_x.float().cpu().numpy()
     train_y, eval_y = train_y.cpu().numpy(), eval_y.cpu().numpy()
     results = []
@@ -257,7 +297,8 @@ def sklearn_probe(train_x, train_y, eval_x, eval_y, dims, log=None, max_iter=100
         probs[:, torch.as_tensor(classifier.classes_)] = torch.as_tensor(
             classifier.predict_proba(scaler.transform(eval_x[:, :d])), dtype=torch.float32)
         accuracy = float((probs.argmax(1).numpy() == eval_y).mean())
-        results.append(ProbeResult(d, accuracy, probs, seconds=time.perf_counter() - start))
+        results.append(ProbeResult(d, accuracy, probs, seconds=time.perf_counter() - start,
+                                   train_samples=len(train_y)))
         if log:
             log(f"sklearn probe d={d}: accuracy {accuracy:.4f} ({results[-1].seconds:.2f} s)")
     return results

@@ -15,7 +15,7 @@ from conftest import DIGITS_FAST, run_script
 from mrl import UserError
 from mrl.checkpoint import load_model
 from mrl.data import load_splits
-from mrl.features import extract
+from mrl.features import extract, read_cache
 from mrl.transforms import ImageTransform, build_transform
 from wandb_history import history, records
 
@@ -99,7 +99,8 @@ def test_two_processes_extract_every_sample_once_in_order(checkpoints, first_run
     data = config["data"]
     splits = load_splits("digits", seed=data["seed"], val_fraction=data["val_fraction"],
                          test_fraction=data["test_fraction"])
-    cached = {p.name.split("-")[0]: torch.load(p) for p in (checkpoints / "sup" / "features").glob("*.pt")}
+    cached = {p.name.split("-")[0]: dict(zip(("features", "labels"), read_cache(str(p)[:-len(".labels.npy")])))
+              for p in (checkpoints / "sup" / "features").glob("*.labels.npy")}
     for name in ("train", "val", "test"):
         assert torch.equal(cached[name]["labels"], torch.tensor(getattr(splits, name)["label"]))
     splits.test.set_transform(ImageTransform(build_transform(data["augment"], data["image_size"], data["mean"],
@@ -107,19 +108,19 @@ def test_two_processes_extract_every_sample_once_in_order(checkpoints, first_run
     backbone, _, _ = load_model(checkpoints / "sup")
     features, labels = extract(Accelerator(cpu=True), backbone, splits.test, batch_size=64)
     assert torch.equal(labels, cached["test"]["labels"])
-    assert torch.allclose(features, cached["test"]["features"], atol=1e-5)
+    assert torch.allclose(features, cached["test"]["features"].float(), atol=1e-5, rtol=1e-3)  # cached as float16
 
 
 def test_second_evaluation_reads_the_feature_cache(checkpoints, first_run, tmp_path):
-    cache = sorted((checkpoints / "sup" / "features").glob("*.pt"))
-    assert [p.name.split("-")[0] for p in cache] == ["test", "train", "val"]
+    cache = sorted((checkpoints / "sup" / "features").glob("*.npy"))
+    assert [p.name.split("-")[0] for p in cache] == ["test", "test", "train", "train", "val", "val"]
     mtimes = [p.stat().st_mtime_ns for p in cache]
     out = tmp_path / "out2"
     result = run_script("evaluate.py", "--checkpoint", checkpoints / "sup", "--dims", 8, 16, "--no-pca",
                         "--num_workers", 0, "--output_dir", out, tmp_path=tmp_path, wandb=True)
     assert result.stdout.count("loaded cached features") == 3 and "extracted" not in result.stdout
     assert [p.stat().st_mtime_ns for p in cache] == mtimes
-    assert sorted((checkpoints / "sup" / "features").glob("*.pt")) == cache  # other dims, same features
+    assert sorted((checkpoints / "sup" / "features").glob("*.npy")) == cache  # other dims, same features
     results = json.loads((out / "results.json").read_text())
     first = json.loads((first_run[0] / "results.json").read_text())
     assert results["runs"][0]["per_dim"][0]["knn"] == first["runs"][0]["per_dim"][0]["knn"]
