@@ -136,4 +136,6 @@ def tiny_imagenet(tmp_path_factory):
 if __name__ == "__main__":  # build it somewhere to look at: python tests/imagenet_fixture.py DIR
     import sys
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for mrl
+
     print(build_tiny_imagenet(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.getcwd(), "tiny_imagenet")))
