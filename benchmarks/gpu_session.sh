@@ -22,6 +22,7 @@
 #   step                the ReLIC + MRL step alone, data already on the GPU: mrl-pytorch vs ours at fp16, ours at
 #                       bf16 with and without channels_last (what bounds an epoch that misses its target)
 #   loader              the data path alone per epoch: --data_on_device vs the DataLoader worker paths
+#   imagenet_loader     decode + RandomResizedCrop per CPU core (PIL, TorchCodec) and --decode_on_device on the GPU
 #   epochs_gpu_augment_compile    --gpu_augment + inductor, if time is left
 #
 # It writes $OUT/log (everything, progress bars reduced to their last state) and $OUT/summary.txt (default OUT:
@@ -160,6 +161,9 @@ else
   part step 150 $PY "${SSL_STEP[@]}" --precision no --sides seed,ours
 fi
 part loader 120 $PY benchmarks/bench_loader.py --dataset_path "$DATA" --workers "$WORKERS" "${LOADER[@]}"
+# issue 21: ImageNet decoding per core and --decode_on_device's batched decode on the GPU (needs a TorchCodec built
+# for the image's torch; without one the script says so and times the CPU paths only)
+part imagenet_loader 120 $PY benchmarks/bench_imagenet_loader.py --rounds 1 --images 200
 epochs gpu_augment_compile 240 inductor --gpu_augment
 
 {
