@@ -37,6 +37,7 @@ from mrl.features import embed_loader
 from mrl.loop import train_one_epoch
 from mrl.losses import dim_weights
 from mrl.models import build_backbone, check_dims, default_dims
+from mrl.optim import build_optimizer
 from mrl.projectors import NEST
 from mrl.publish import checkpoint_pusher
 from mrl.retrieval import knn_predict, nearest_neighbors, normalized_prefix
@@ -205,7 +206,9 @@ def main(args):
     weights = dim_weights(dims, args.dim_weights, given=cli.flat_dims(args.dims))
     model = build_model(args, backbone, projector, dims, weights, ema_schedule,
                         sync_bn=args.sync_bn and accelerator.num_processes > 1)
-    optimizer = build_optimizer(args, model)
+    # --no_decay_norm_bias exempts the 1-d parameters (norms, biases, ReLIC's temperature); mrl-pytorch decays all
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay,
+                                no_decay="norm_bias" if args.no_decay_norm_bias else "none")
 
     model, optimizer, train_loader, bank_loader, query_loader = accelerator.prepare(
         model, optimizer, train_loader, bank_loader, query_loader)
@@ -295,17 +298,6 @@ def check_args(args):
         raise UserError(f"--crop_min_scale must be in (0, 1], got {args.crop_min_scale}")
     if args.knn_temperature <= 0:
         raise UserError("--knn_temperature must be positive")
-
-
-def build_optimizer(args, model):
-    """Adam (mrl-pytorch) or AdamW over the trainable parameters; --no_decay_norm_bias exempts 1-d ones."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if args.no_decay_norm_bias:
-        groups = [{"params": [p for _, p in trainable if p.ndim > 1], "weight_decay": args.weight_decay},
-                  {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
-    else:
-        groups = [{"params": [p for _, p in trainable], "weight_decay": args.weight_decay}]
-    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[args.optimizer](groups, lr=args.lr)
 
 
 def knn_monitor(args, accelerator, backbone, bank_loader, query_loader, dims, num_classes):

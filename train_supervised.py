@@ -29,7 +29,7 @@ from mrl.device_decode import EncodedCollate, EncodeTransform, decode_batch
 from mrl.publish import checkpoint_pusher
 from mrl.run import data_loader, end_run, load_data, resolve_preset, start_run, start_tracking, steps_per_epoch
 from mrl.run_config import run_config
-from mrl.optim import NO_DECAY, OPTIMIZERS, build_optimizer
+from mrl.optim import NO_DECAY, build_optimizer
 from mrl.recipes import fill_recipe
 from mrl.schedules import progressive_resolution, warmup_then
 from mrl.streams import is_webdataset
@@ -59,7 +59,7 @@ def get_args_parser():
                             "(default: 8, the blog's; 1024 for imagenet, the reference's 2 GPUs x 512)")
     group.add_argument("--grad_accum_steps", type=int, default=None,
                        help="forward passes per optimizer step (default: 4, the blog's; 1 for imagenet)")
-    group.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+    group.add_argument("--optimizer", default=None, choices=("adamw", "sgd"),
                        help="adamw (the blog) or sgd with --momentum (imagenet, the reference)")
     group.add_argument("--lr", type=float, default=None,
                        help="peak learning rate (default: 4e-4, the blog's; for imagenet 1.7 x global batch / 4096 "

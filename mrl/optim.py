@@ -1,5 +1,5 @@
-"""The optimizer of train_supervised.py: AdamW (the blog) or SGD with momentum (the MRL reference's ImageNet recipe),
-with the parameter groups that skip weight decay."""
+"""The training scripts' optimizers -- AdamW (the blog), SGD with momentum (the MRL reference's ImageNet recipe), Adam
+(mrl-pytorch) -- with the parameter groups that skip weight decay."""
 
 import torch
 
@@ -14,7 +14,7 @@ NO_DECAY = {
     # the common modern rule: every 1-d parameter (norm weights, biases)
     "norm_bias": lambda name, p: p.ndim <= 1,
 }
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "adam")  # adam: weight decay as L2 in the gradient (mrl-pytorch, train_ssl.py's default)
 
 
 def parameter_groups(model, weight_decay, no_decay):
@@ -32,6 +32,8 @@ def build_optimizer(model, name, lr, weight_decay, momentum=0.9, no_decay="none"
     groups = parameter_groups(model, weight_decay, no_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     raise UserError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
