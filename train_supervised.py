@@ -192,6 +192,7 @@ def main(args):
         + f"{' (MRL-E, tied)' if args.tied else ''}, {parameters:,} parameters"
         + f"\n{args.epochs} epochs x {steps} optimizer steps, "
         + f"{accelerator.num_processes} process(es), mixed precision: {accelerator.mixed_precision}, "
+        + f"JPEGs decoded {'on the device' if args.decode_on_device else f'in the workers ({args.decoder})'}, "
         + f"output: {args.output_dir}")
 
     # ---- train; the heads' validation accuracy after every epoch
