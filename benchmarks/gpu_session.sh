@@ -47,6 +47,10 @@ if [ "${1:-}" = prepare ]; then
   # huggingface-hub 1.33, xxhash, requests, filelock, pyyaml, safetensors, tqdm, matplotlib and scikit-learn.
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
     -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 accelerate==1.15.0
+  # TorchCodec for the image's torch 2.11 (its table: torchcodec 0.x pairs with torch 2.x); PyPI's build, whose FFmpeg
+  # and CUDA needs are untested on the image: where it does not load, mrl.decode falls back to PIL and says so
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
+    -d .whl "torchcodec==0.11.*"
   # the seed's wheel apart: its import package is also called `mrl`, so it must not be installed over ours
   $PY -m pip download -q --no-deps -d .whl/seed mrl-pytorch==0.1.1
   if [ -d data/cifar10 ]; then chmod -R u+w data/cifar10 && rm -rf data/cifar10; fi
