@@ -68,6 +68,8 @@ def test_evaluates_supervised_and_ssl_checkpoints_end_to_end(checkpoints, first_
         # 10 classes: chance is 0.1; 6 runs of this setting (seeds 0-4, 1 and 2 threads) probed 0.94-0.98
         assert run["per_dim"][-1]["probe"] > 0.5
         assert run["adaptive_classification"]["probe"][-1]["expected_dim"] == 512
+        # the probe's train subset (--probe_max_train_samples 100,000) holds the whole train split here
+        assert run["n"]["probe_train"] == run["n"]["train"] > 200
         funnel = run["adaptive_retrieval"]
         assert [r["shortlist_dim"] for r in funnel] == [512, 8, 24] and funnel[0]["speedup"] == 1.0
     # the same backbone: identical features, so identical probe / kNN numbers with or without heads
