@@ -4,7 +4,7 @@
 # the 2048 embedding dims), the MRL and MRL-E models and the single-head baseline -- twelve independent trainings, one
 # array task each, every task on one node with 8 GPUs.
 #
-#   jobid=$(sbatch --parsable examples/ff_slurm_array.sh)
+#   jobid=$(sbatch --parsable examples/ff_slurm_array.sh --dataset_path /data/ILSVRC2012)
 #   sbatch --dependency=afterok:$jobid --nodes=1 --gpus-per-node=8 --time=04:00:00 examples/ff_slurm_array.sh evaluate
 #
 # The second job runs once every training has finished: evaluate.py over the twelve runs draws the comparison
@@ -12,13 +12,14 @@
 # baseline's PCA to d with a linear probe) and, where the robustness sets are given as folders
 # (ROBUSTNESS_DIR/imagenet-a etc.), the heads' top-1 on them.
 #
-# Preemption works as in examples/slurm.sh: Slurm signals this batch shell two minutes before the time limit
+# Each training task runs examples/slurm.sh (exec'd, so it is the batch shell): Slurm signals this batch shell two minutes before the time limit
 # (--signal=B:USR1@120); the shell sends SIGTERM to the job step, whose task -- `python -m mrl.supervise accelerate
 # launch ...` -- passes it to the training processes, which save a checkpoint at the next optimizer step and leave
 # PREEMPTED in their --output_dir. The array task then requeues itself (each task has its own job id) and resumes
 # from that checkpoint (--resume_from_checkpoint latest); the other tasks are not affected.
 #
-# Written for this repo's scripts; not tested on a cluster here (bash -n only).
+# Written for this repo's scripts; not tested on a cluster here (bash -n; examples/slurm.sh itself is run by
+# tests/test_guards.py with stand-ins for srun and scontrol).
 #
 #SBATCH --job-name=mrl-fig2
 #SBATCH --array=0-11
@@ -69,20 +70,7 @@ else
     echo "array task $task: this job has tasks 0-11 (9 FF-K, MRL, MRL-E, baseline)" >&2
     exit 2
 fi
-OUTPUT_DIR=$RUNS/$name
-
-preempted=0
-trap 'preempted=1; kill -TERM "$step" 2>/dev/null' USR1
-
-srun --kill-on-bad-exit=0 "${LAUNCH[@]}" train_supervised.py --dataset imagenet "${args[@]}" \
-    --output_dir "$OUTPUT_DIR" --resume_from_checkpoint latest &
-step=$!
-# `wait` returns as soon as the trap runs: keep waiting until the step has really ended.
-while wait "$step"; status=$?; kill -0 "$step" 2>/dev/null; do :; done
-
-if [ "$preempted" -eq 1 ] || [ "$status" -eq 75 ] || [ -f "$OUTPUT_DIR/PREEMPTED" ]; then
-    echo "preempted: checkpoint saved ($(cat "$OUTPUT_DIR/PREEMPTED" 2>/dev/null)), requeueing $name ($SLURM_JOB_ID)"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
-fi
-exit "$status"
+# The training itself is examples/slurm.sh's on this one node -- its launch under mrl.supervise, its preemption
+# (USR1 -> SIGTERM to the step -> checkpoint) and its requeue of this task's own job id -- with the flags given to
+# this script (e.g. --dataset_path /data/ILSVRC2012) after the task's own.
+exec bash examples/slurm.sh train_supervised.py --dataset imagenet "${args[@]}" "$@" --output_dir "$RUNS/$name"
