@@ -180,12 +180,13 @@ def main(args):
                                                  args.num_workers)
         check_one_batch(train_loader, len(pretrain), args.batch_size)
     train_transform = attach_transforms(splits, "ssl", args.image_size, mean, std, args.seed, views=views,
-                                        train_transform=cpu_transform)
+                                        train_transform=cpu_transform, decoder=args.decoder)
     pretrain.set_transform(train_transform)
     if not args.data_on_device:
         train_loader = data_loader(args, pretrain, args.batch_size, train=True)
     bank = splits.train.shuffle(seed=args.seed).select(range(min(args.knn_bank_samples, len(splits.train))))
-    bank = bank.with_transform(ImageTransform(build_transform("ssl", args.image_size, mean, std, train=False)))
+    bank = bank.with_transform(ImageTransform(build_transform("ssl", args.image_size, mean, std, train=False),
+                                              decoder=args.decoder))
     bank_loader = data_loader(args, bank, 2 * args.batch_size, train=False)
     query_loader = data_loader(args, splits.val, 2 * args.batch_size, train=False)
 
