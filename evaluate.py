@@ -25,6 +25,7 @@ examples:
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -38,13 +39,16 @@ from mrl.eval_report import (comparison, log_results, results_markdown, run_fami
                              write_outputs)
 from mrl.features import PCA_FIT_SAMPLES, features_cache_key, file_digest, load_or_extract, pca
 from mrl.model_card import update_card_with_evaluation
-from mrl.models import default_dims
+from mrl.pretrained import eval_transform as run_eval_transform
+from mrl.models import build_backbone, default_dims
 from mrl.probe import L2_GRID, PROBE_MAX_TRAIN_SAMPLES, cascade, sklearn_probe, torch_probe
 from mrl.retrieval import adaptive_retrieval, neighbor_metrics
 from mrl.robustness import SHIFTED_SETS, heads_top1, load_shifted, parse_paths
 from mrl.streams import is_webdataset
 from mrl.tracking import default_run_name, init_tracking
-from mrl.transforms import ImageTransform, build_transform
+from mrl.transforms import ImageTransform
+
+STARTING_POINT = "pretrained start"  # the config kind of a fine-tuned run's pretrained backbone (--before_finetuning)
 
 
 def get_args_parser():
@@ -93,6 +97,12 @@ def get_args_parser():
     group.add_argument("--pca_fit_samples", type=int, default=PCA_FIT_SAMPLES,
                        help="the PCA baseline's mean and axes are fitted on this many train images drawn at random "
                             "(with --seed; 0: all), then every split is projected in chunks")
+    group.add_argument("--before_finetuning", action="store_true",
+                       help="runs fine-tuned from a pretrained backbone (--pretrained): also evaluate that backbone "
+                            "as it was before fine-tuning -- its pooled feature cut to each d, and PCA to d -- in the "
+                            "same table, next to the run: what MRL buys over truncating the pretrained embedding. Its "
+                            "weights are read again from where the run got them (the folder, the Hub's cache, "
+                            "torchvision's cache)")
     group.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                        help="the MRL paper's Figure 2 (comparison.png and a table): top-1 / top-5 against dim of "
                             "MRL's heads, MRL-E's heads, the fixed-feature FF-K runs (one point per run, at d=K) and "
@@ -129,6 +139,8 @@ def main(args):
     init_tracking(accelerator, args, TrainState(), vars(args), job_type="eval")
     log = accelerator.print
     models = [load_run(path, accelerator.device) for path in args.checkpoint]
+    if args.before_finetuning:  # each fine-tuned run's pretrained start, evaluated next to it
+        add_starting_points(args, models, accelerator.device, accelerator.print)
     labels = args.labels
     dims = [resolve_dims(args, path, config, heads) for path, (_, heads, config) in zip(args.checkpoint, models)]
 
@@ -192,6 +204,8 @@ def main(args):
         if args.report_to == "wandb":  # the W&B run started with the script; now its tables, charts and plots
             log_results(args, accelerator, results, images)
         for run in results["runs"] if args.update_model_card else []:
+            if run["kind"] == STARTING_POINT:  # it shares its run's folder, and card, with the fine-tuned model
+                continue
             own = {**results, "runs": [run], "comparison": None}  # a card holds its run's results, no comparison
             card = update_card_with_evaluation(run["checkpoint"], results_markdown(args, own),
                                                run["per_dim"], results["eval_split"], args.output_dir)
@@ -240,6 +254,42 @@ def load_run(path, device):
     read_config(path)  # a clear error for a folder that is not a run, or from another format version
     backbone, heads, config = load_model(path)  # on the CPU: safetensors cannot load to a device like "cpu:1"
     return backbone.to(device), heads, config
+
+
+def add_starting_points(args, models, device, log):
+    """After each fine-tuned run in args.checkpoint / args.labels / `models`, its pretrained start: the network as
+    it was loaded before the first step, without the run's --embed_dim projection (its pooled feature), and without
+    heads (evaluated by the probe, kNN and PCA like a self-supervised run)."""
+    checkpoints, labels, loaded = [], [], []
+    for path, label, model in zip(args.checkpoint, args.labels, models):
+        checkpoints.append(path)
+        labels.append(label)
+        loaded.append(model)
+        config = model[2]
+        model_cfg = config["model"]
+        if not model_cfg.get("pretrained"):
+            continue
+        log(f"{label}: loading its pretrained start, {model_cfg['backbone']}")
+        start = build_backbone(model_cfg["backbone"], config["data"]["image_size"], model_cfg.get("cifar_stem"),
+                               pretrained=True, timm=model_cfg.get("timm"))
+        start_config = {**config, "kind": STARTING_POINT, "heads": None, "ssl": None,
+                        "model": {**model_cfg, "embed_dim": start.embed_dim, "projection": None}}
+        checkpoints.append(path)
+        labels.append(f"{label} (before fine-tuning)")
+        loaded.append((start.to(device).eval(), None, start_config))
+    if len(loaded) == len(models):
+        raise UserError("--before_finetuning: none of the runs was fine-tuned from a pretrained backbone "
+                        "(trained with --pretrained)")
+    args.checkpoint, args.labels, models[:] = checkpoints, labels, loaded
+
+
+def weights_digest(path, config):
+    """What identifies a model's weights in its feature cache key: its file's digest, or for a pretrained start the
+    source it is loaded from."""
+    if config.get("kind") == STARTING_POINT:
+        model_cfg = config["model"]
+        return "pretrained:" + json.dumps([model_cfg["backbone"], model_cfg.get("timm")], sort_keys=True)
+    return file_digest(os.path.join(path, MODEL_FILE))
 
 
 def resolve_data(args, records):
@@ -344,14 +394,9 @@ def load_robustness_sets(args, models, accelerator):
 
 
 def eval_transform(args, accelerator, config):
-    """The run's evaluation preprocessing (e.g. Resize 256 -> CenterCrop 224 for ImageNet), and its description for
-    the feature cache's key."""
-    data = config["data"]
-    image_size = args.image_size or data["image_size"]
-    try:
-        transform = build_transform(data["augment"], image_size, data["mean"], data["std"], train=False)
-    except UserError:  # a train-only augmentation name (e.g. SSL's two views): evaluation is the plain resize
-        transform = build_transform("none", image_size, data["mean"], data["std"], train=False)
+    """The run's evaluation preprocessing (e.g. Resize 256 -> CenterCrop 224 for ImageNet, a pretrained backbone's
+    own), as MatryoshkaEncoder preprocesses, and its description for the feature cache's key."""
+    transform = run_eval_transform(config, args.image_size)
     return transform, {"transform": repr(transform), "mixed_precision": accelerator.mixed_precision}
 
 
@@ -365,7 +410,7 @@ def embed_robustness_sets(args, accelerator, path, backbone, config, shifted):
     if not shifted:
         return {}
     transform, preprocessing = eval_transform(args, accelerator, config)
-    digest = file_digest(os.path.join(path, MODEL_FILE))
+    digest = weights_digest(path, config)
     cache_dir = feature_cache_dir(args, path)
     features = {}
     for name, (dataset, _, version) in shifted.items():
@@ -381,7 +426,7 @@ def embed_robustness_sets(args, accelerator, path, backbone, config, shifted):
 def embed_splits(args, accelerator, path, backbone, config, splits):
     """{split: (features, labels)} for train, val and test, each loaded from the cache or extracted."""
     transform, preprocessing = eval_transform(args, accelerator, config)
-    digest = file_digest(os.path.join(path, MODEL_FILE))
+    digest = weights_digest(path, config)
     cache_dir = feature_cache_dir(args, path)
     features = {}
     for name in ("train", "val", "test"):

@@ -85,8 +85,8 @@ def get_args_parser():
     group.add_argument("--blur_prob", type=float, default=1.0, help="Gaussian blur probability (mrl-pytorch: always)")
     group.add_argument("--solarize_prob", type=float, default=0.5, help="solarize probability")
     group.add_argument("--normalize", default="dataset", choices=("dataset", "none"),
-                       help="normalize inputs with the dataset preset's mean/std (saved in config.json, so evaluation "
-                            "matches), or feed [0, 1] pixels as mrl-pytorch did")
+                       help="normalize inputs with the dataset preset's mean/std (a timm or --pretrained backbone's "
+                            "own; saved in config.json, so evaluation matches), or feed [0, 1] pixels as mrl-pytorch did")
 
     group = parser.add_argument_group("optimization (defaults: mrl-pytorch's)")
     group.add_argument("--batch_size", type=int, default=256,
@@ -95,6 +95,9 @@ def get_args_parser():
     group.add_argument("--optimizer", default="adam", choices=("adam", "adamw"),
                        help="adam: weight decay as L2 in the gradient (mrl-pytorch); adamw: decoupled")
     group.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    group.add_argument("--backbone_lr_scale", type=float, default=1.0,
+                       help="the backbone's network learns at this times --lr (the projector and predictor at --lr): "
+                            "below 1 keeps a --pretrained start closer to where it began")
     group.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay")
     group.add_argument("--no_decay_norm_bias", action="store_true",
                        help="exempt norm weights, biases and learnable scalars (ReLIC's temperature) from weight decay "
@@ -150,7 +153,7 @@ def add_seed_aliases(parser):
 def main(args):
     check_args(args)
     method = methods.METHODS[args.method]
-    preset = resolve_preset(args, f"ssl_{args.method}" + ("_nest-projector" if args.nest == "projector" else ""))
+    preset, source = resolve_preset(args, f"ssl_{args.method}" + ("_nest-projector" if args.nest == "projector" else ""))
     if args.fp16_precision and not torch.cuda.is_available():
         raise UserError("--fp16_precision needs a CUDA GPU; on the CPU train in fp32 (or --mixed_precision bf16)")
     pusher = checkpoint_pusher(args)  # with --hub_push_checkpoints: every checkpoint saved is uploaded
@@ -163,6 +166,7 @@ def main(args):
 
     # ---- data: two augmented views per image for training (labels unused); labeled splits for the kNN monitor
     splits = load_data(run)
+    # --normalize dataset: the preset's mean/std, or a pretrained backbone's own (resolve_preset put them there)
     mean, std = (preset.mean, preset.std) if args.normalize == "dataset" else ((0.0,) * 3, (1.0,) * 3)
     size = (args.image_size, args.image_size)
     strength = dict(crop_scale=(args.crop_min_scale, 1.0), strength=args.jitter_strength, blur_prob=args.blur_prob,
@@ -180,19 +184,22 @@ def main(args):
                                                  args.num_workers)
         check_one_batch(train_loader, len(pretrain), args.batch_size)
     train_transform = attach_transforms(splits, "ssl", args.image_size, mean, std, args.seed, views=views,
-                                        train_transform=cpu_transform, decoder=args.decoder)
+                                        train_transform=cpu_transform, decoder=args.decoder,
+                                        preprocessing=source.preprocessing)
     pretrain.set_transform(train_transform)
     if not args.data_on_device:
         train_loader = data_loader(args, pretrain, args.batch_size, train=True)
     bank = splits.train.shuffle(seed=args.seed).select(range(min(args.knn_bank_samples, len(splits.train))))
-    bank = bank.with_transform(ImageTransform(build_transform("ssl", args.image_size, mean, std, train=False),
+    bank = bank.with_transform(ImageTransform(build_transform("ssl", args.image_size, mean, std, train=False,
+                                                              preprocessing=source.preprocessing),
                                               decoder=args.decoder))
     bank_loader = data_loader(args, bank, 2 * args.batch_size, train=False)
     query_loader = data_loader(args, splits.val, 2 * args.batch_size, train=False)
 
     # ---- model: backbone + projector online, what the method adds (EMA target, predictor), the Matryoshka loss
     cifar_stem = {"auto": None, "on": True, "off": False}[args.cifar_stem]
-    backbone = build_backbone(args.model, args.image_size, cifar_stem, args.norm)
+    backbone = build_backbone(args.model, args.image_size, cifar_stem, args.norm, pretrained=args.pretrained,
+                              embed_dim=args.embed_dim, timm=source.timm)
     projector = build_projector(args, backbone)
     dims = cli.flat_dims(args.dims) or default_dims(projector.nested_width)
     if args.nest == "projector" and max(dims) > projector.nested_width:
@@ -209,7 +216,8 @@ def main(args):
                         sync_bn=args.sync_bn and accelerator.num_processes > 1)
     # --no_decay_norm_bias exempts the 1-d parameters (norms, biases, ReLIC's temperature); mrl-pytorch decays all
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay,
-                                no_decay="norm_bias" if args.no_decay_norm_bias else "none")
+                                no_decay="norm_bias" if args.no_decay_norm_bias else "none",
+                                backbone_lr_scale=args.backbone_lr_scale)
 
     model, optimizer, train_loader, bank_loader, query_loader = accelerator.prepare(
         model, optimizer, train_loader, bank_loader, query_loader)
@@ -242,7 +250,8 @@ def main(args):
         "split_sizes": split_sizes, "trained_parameters": trained_parameters, "steps_per_epoch": steps,
         "loss_per_dim_at_chance": method.loss_at_chance(args.batch_size) if method.loss_at_chance else None,
         "knn_accuracy_at_chance": 1 / len(splits.class_names)},
-        run_config(args, backbone, splits, mean, std, "ssl", ssl=ssl), relog=lambda row: knn_log(knn_dims, row))
+        run_config(args, backbone, splits, mean, std, "ssl", ssl=ssl, timm=source.timm,
+                   preprocessing=source.preprocessing), relog=lambda row: knn_log(knn_dims, row))
     accelerator.print(
         f"{args.dataset}: {len(pretrain)} training images"
         + (f" ({len(splits.train)} train + {len(splits.unlabeled)} unlabeled)" if splits.unlabeled is not None else "")

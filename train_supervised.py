@@ -26,6 +26,7 @@ from mrl.loop import train_one_epoch
 from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
 from mrl.data import get_preset
 from mrl.device_decode import EncodedCollate, EncodeTransform, decode_batch
+from mrl.distributed import unwrap
 from mrl.publish import checkpoint_pusher
 from mrl.run import data_loader, end_run, load_data, resolve_preset, start_run, start_tracking, steps_per_epoch
 from mrl.run_config import run_config
@@ -53,7 +54,9 @@ def get_args_parser():
                             "embedding only (the embedding keeps its width; the rest of it gets no gradient)")
     group = parser.add_argument_group(
         "optimization (defaults: the dataset's recipe -- the blog's AdamW + ExponentialLR everywhere, the MRL paper's "
-        "SGD recipe for --dataset imagenet; see mrl/recipes.py)")
+        "SGD recipe for --dataset imagenet; with --pretrained, the fine-tuning recipe: AdamW 1e-3 for the heads and "
+        "0.1x for the backbone, weight decay 0.05 except norms and biases, 1 warmup epoch then cosine, label smoothing "
+        "0.1, batch 64, 10 epochs; see mrl/recipes.py)")
     group.add_argument("--batch_size", type=int, default=None,
                        help="images per forward pass, summed over all processes (split evenly among them) "
                             "(default: 8, the blog's; 1024 for imagenet, the reference's 2 GPUs x 512)")
@@ -95,6 +98,16 @@ def get_args_parser():
     group.add_argument("--blurpool", action=argparse.BooleanOptionalAction, default=None,
                        help="ResNets: blur before every strided convolution (BlurPool, as the reference trains "
                             "imagenet; default: off, on for imagenet)")
+    group.add_argument("--backbone_lr_scale", type=float, default=None,
+                       help="the backbone's network learns at this times the learning rate of what is new (heads, "
+                            "--embed_dim projection) (default: 0.1 with --pretrained, the fine-tuning recipe; else 1)")
+    group.add_argument("--freeze_backbone_epochs", type=int, default=None,
+                       help="train the heads (and projection) alone for the first N epochs, the backbone's network "
+                            "frozen in eval mode (a linear probe), then fine-tune everything (default: 0)")
+    group.add_argument("--layer_decay", type=float, default=None,
+                       help="timm backbones: layer-wise learning-rate decay, each layer below the last at this times "
+                            "the rate of the one above, from timm's layer groups (e.g. 0.65-0.75 for ViTs, BEiT's "
+                            "recipe; default: off)")
     group.add_argument("--sync_bn", action="store_true",
                        help="multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm), so that a run on "
                             "N GPUs normalizes like one on a single GPU")
@@ -121,7 +134,7 @@ def get_args_parser():
 def main(args):
     fill_recipe(args)  # the flags left out: the dataset's recipe (the blog's, or the MRL paper's for imagenet)
     check_args(args)
-    preset = resolve_preset(args, "supervised_" + variant(args))
+    preset, source = resolve_preset(args, "supervised_" + variant(args), augment="pretrained")
     pusher = checkpoint_pusher(args)  # with --hub_push_checkpoints: every checkpoint saved is uploaded
     run = start_run(args, after_save=pusher)  # --batch_size is the global batch, split over the processes
     accelerator, state = run.accelerator, run.state
@@ -129,7 +142,7 @@ def main(args):
     # ---- data: train / validation / test, decoded and augmented lazily in the DataLoader workers
     splits = load_data(run, streams=True)  # webdataset shards come as streams (mrl.streams)
     train_transform = attach_transforms(splits, preset.augment, args.image_size, preset.mean, preset.std, args.seed,
-                                        decoder=args.decoder)
+                                        decoder=args.decoder, preprocessing=source.preprocessing)
     eval_batch_size = args.batch_size * args.grad_accum_steps  # no activations kept for backward: bigger batches fit
     if args.decode_on_device:  # the workers send the JPEGs' bytes; forward decodes and augments them on the device
         splits.train.set_transform(EncodeTransform(args.decoder))
@@ -141,7 +154,8 @@ def main(args):
 
     # ---- model: backbone + one linear head per prefix dim (a single full-width head for the baseline)
     cifar_stem = {"auto": None, "on": True, "off": False}[args.cifar_stem]
-    backbone = build_backbone(args.model, args.image_size, cifar_stem, args.norm, blurpool=args.blurpool)
+    backbone = build_backbone(args.model, args.image_size, cifar_stem, args.norm, blurpool=args.blurpool,
+                              pretrained=args.pretrained, embed_dim=args.embed_dim, timm=source.timm)
     if args.baseline:
         dims = [backbone.embed_dim]
     elif args.fixed_feature:  # FF-K: one head, on the first K dims
@@ -154,7 +168,8 @@ def main(args):
     if args.memory_format == "channels_last":  # the convolutions' outputs follow their weights' layout
         model = model.to(memory_format=torch.channels_last)
     loss_weights = torch.tensor(dim_weights(dims, args.dim_weights, given=cli.flat_dims(args.dims)))
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.no_decay)
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.no_decay,
+                                args.backbone_lr_scale, args.layer_decay)
 
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     test_loader = accelerator.prepare(test_loader) if test_loader is not None else None
@@ -181,14 +196,15 @@ def main(args):
         "dims": dims, "embed_dim": backbone.embed_dim, "num_classes": len(splits.class_names),
         "split_sizes": split_sizes, "parameters": parameters, "steps_per_epoch": steps,
         "accuracy_at_chance": 1 / len(splits.class_names)},
-        run_config(args, backbone, splits, preset.mean, preset.std, preset.augment, heads=heads),
+        run_config(args, backbone, splits, preset.mean, preset.std, preset.augment, heads=heads, timm=source.timm,
+                   preprocessing=source.preprocessing),
         relog=lambda row: validation_log(dims, row))
     accelerator.print(
         f"{args.dataset}: {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test) if splits.test is not None else 0} test images, {len(splits.class_names)} classes"
         + (f" ({splits.dropped} dropped: under {args.min_image_size or preset.min_image_size} px or unreadable)"
            if splits.dropped else "")
-        + f"\n{args.model}: embedding {backbone.embed_dim}, heads at dims {dims}"
+        + f"\n{args.model}{' (pretrained)' if args.pretrained else ''}: embedding {backbone.embed_dim}, heads at dims {dims}"
         + f"{' (MRL-E, tied)' if args.tied else ''}, {parameters:,} parameters"
         + f"\n{args.epochs} epochs x {steps} optimizer steps, "
         + f"{accelerator.num_processes} process(es), mixed precision: {accelerator.mixed_precision}, "
@@ -197,6 +213,12 @@ def main(args):
 
     # ---- train; the heads' validation accuracy after every epoch
     for epoch in run.epochs():
+        if args.freeze_backbone_epochs:  # the heads alone first (a linear probe), then everything
+            frozen, bare = epoch < args.freeze_backbone_epochs, unwrap(accelerator, model)
+            if frozen != bare.net_frozen:
+                accelerator.print(f"epoch {epoch + 1}: the backbone's network "
+                                  + ("is frozen, the heads train alone" if frozen else "trains from here on"))
+            bare.freeze_net(frozen)
         if args.min_res and not args.decode_on_device:  # progressive resizing (evaluation stays at --image_size)
             train_transform.transform = build_transform(preset.augment, resolution(args, epoch), preset.mean,
                                                         preset.std, train=True)
@@ -273,6 +295,14 @@ def check_args(args):
                         "webdataset shards decode in the workers")
     if not 0 <= args.label_smoothing < 1:
         raise UserError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    if not 0 <= args.freeze_backbone_epochs <= args.epochs:
+        raise UserError(f"--freeze_backbone_epochs must be in 0..--epochs ({args.epochs}), got "
+                        f"{args.freeze_backbone_epochs}")
+    if args.freeze_backbone_epochs and args.model.startswith("cnn4"):
+        raise UserError("--freeze_backbone_epochs freezes a ResNet's or timm model's network; cnn4 has none to keep")
+    if args.backbone_lr_scale < 0 or (args.layer_decay is not None and not 0 < args.layer_decay <= 1):
+        raise UserError(f"--backbone_lr_scale must be >= 0 and --layer_decay in (0, 1], got {args.backbone_lr_scale}, "
+                        f"{args.layer_decay}")
     if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
         raise UserError(f"--warmup_epochs must be in 0..--epochs ({args.epochs}), got {args.warmup_epochs}")
 

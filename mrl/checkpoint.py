@@ -197,7 +197,8 @@ def build_model(config):
     model_cfg = config["model"]
     backbone = build_backbone(model_cfg["backbone"], config["data"]["image_size"], model_cfg.get("cifar_stem"),
                               model_cfg.get("norm", "batch"),  # runs of earlier versions: BatchNorm
-                              blurpool=model_cfg.get("blurpool", False))  # and no BlurPool
+                              blurpool=model_cfg.get("blurpool", False),  # and no BlurPool
+                              embed_dim=model_cfg.get("projection"), timm=model_cfg.get("timm"))  # nor timm
     heads = None
     if config.get("heads"):
         heads = MatryoshkaHeads(config["heads"]["dims"], config["heads"]["num_classes"], config["heads"]["tied"])

@@ -75,9 +75,19 @@ def add_data_args(parser, default_dataset):
 
 def add_model_args(parser):
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, choices=BACKBONES,
+    group.add_argument("--model", default=None, metavar="{" + ",".join(BACKBONES) + ",timm/NAME,hf-hub:REPO,DIR}",
                        help="backbone (default: the dataset preset's; cnn4 is the blog's 4-conv CNN, which has no "
-                            "nonlinearity; cnn4_bn adds BatchNorm + ReLU)")
+                            "nonlinearity; cnn4_bn adds BatchNorm + ReLU). Also any timm model: timm/<name> (e.g. "
+                            "timm/convnext_tiny.fb_in22k, timm/vit_small_patch14_dinov2.lvd142m), hf-hub:<user>/<repo>, "
+                            "or a folder holding one in the Hub's layout; its embedding is its pooled feature, its "
+                            "resolution, normalization and eval crop are used unless --image_size says otherwise")
+    group.add_argument("--pretrained", action="store_true",
+                       help="start from the backbone's pretrained weights: the timm model's (from the Hub or its "
+                            "folder), or torchvision's ImageNet weights for resnet18/34/50 (DEFAULT, with their "
+                            "preprocessing). train_supervised.py then defaults to its fine-tuning recipe")
+    group.add_argument("--embed_dim", type=int, default=None, metavar="D",
+                       help="a linear layer from the backbone's pooled feature to D dims, the embedding the "
+                            "Matryoshka dims are prefixes of (default: none, the pooled feature itself)")
     group.add_argument("--cifar_stem", default="auto", choices=("auto", "on", "off"),
                        help="ResNets: 3x3 stride-1 first conv without max-pool; auto = on for images under 64 px")
     group.add_argument("--norm", default="batch", choices=tuple(NORMS),
@@ -170,7 +180,7 @@ def resolve_run_args(args, variant):
         dataset = args.dataset
         if args.dataset == "custom" and args.dataset_path:
             dataset += "-" + os.path.basename(os.path.normpath(args.dataset_path))
-        args.output_dir = os.path.join("runs", f"{variant}_{dataset}_{args.model}")
+        args.output_dir = os.path.join("runs", f"{variant}_{dataset}_{model_slug(args)}")
     if args.checkpointing_steps != "epoch" and not args.checkpointing_steps.isdigit():
         raise UserError(f"--checkpointing_steps must be 'epoch' or a number, got {args.checkpointing_steps!r}")
     if not 0 <= args.seed < 2**32:  # numpy's generators (splits, shuffles) take 32-bit seeds
@@ -183,6 +193,14 @@ def resolve_run_args(args, variant):
         raise UserError("--val_fraction must be in (0, 1), --test_fraction in [0, 1), and their sum below 1")
     if hasattr(args, "push_to_hub"):
         resolve_hub_args(args)
+
+
+def model_slug(args):
+    """--model as part of a folder name: timm/<name> and hf-hub:<user>/<repo> without their slashes, a folder by its
+    name; `-pretrained` for a pretrained start (a fine-tuned run and one from scratch do not share a folder)."""
+    name = args.model.rstrip("/")
+    name = os.path.basename(name) if os.path.isdir(name) else name.replace("hf-hub:", "").replace("/", "-")
+    return name + ("-pretrained" if getattr(args, "pretrained", False) else "")
 
 
 def resolve_report_to(args):

@@ -26,7 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from mrl import UserError
 
@@ -44,10 +44,14 @@ def process_group_timeout():
     return timedelta(minutes=minutes)
 
 
-def make_accelerator(**kwargs):
+def make_accelerator(find_unused_parameters=False, **kwargs):
     """`Accelerator(**kwargs)` whose process group (when there are several processes) waits process_group_timeout()
-    in a collective before it fails."""
-    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=process_group_timeout())], **kwargs)
+    in a collective before it fails. `find_unused_parameters`: DDP lets a step leave parameters without gradients
+    (a frozen backbone), at the cost of a walk over the autograd graph per step."""
+    handlers = [InitProcessGroupKwargs(timeout=process_group_timeout())]
+    if find_unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return Accelerator(kwargs_handlers=handlers, **kwargs)
 
 
 def unwrap(accelerator, model):

@@ -121,8 +121,8 @@ def training_step(accelerator, model, optimizer, forward, batch, lr, max_grad_no
         loss, per_dim = forward(batch)
         accelerator.backward(loss * scale if scale != 1.0 else loss)
         if accelerator.sync_gradients:
-            for group in optimizer.param_groups:
-                group["lr"] = lr  # a Python float: a numpy scalar in the optimizer state would not reload
+            for group in optimizer.param_groups:  # a Python float: a numpy scalar in the state would not reload
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # a fine-tuning recipe's lower rate for the backbone
             if max_grad_norm > 0 or measure_norm:  # an infinite threshold measures without clipping
                 grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                         max_grad_norm if max_grad_norm > 0 else math.inf)

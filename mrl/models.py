@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import torchvision
 
 from mrl import UserError
+from mrl.pretrained_backbones import build_timm, load_torchvision_weights
 
 BACKBONES = ("cnn4", "cnn4_bn", "resnet18", "resnet34", "resnet50")
 # The ResNets' normalization layers: BatchNorm (torchvision's and the references'), or GroupNorm, whose statistics are
@@ -64,7 +65,8 @@ class ResNet(nn.Module):
     in the model (`self.blurpool`) and in config.json.
     """
 
-    def __init__(self, name="resnet18", cifar_stem=False, norm="batch", blurpool=False):
+    def __init__(self, name="resnet18", cifar_stem=False, norm="batch", blurpool=False, pretrained=False,
+                 embed_dim=None):
         super().__init__()
         net = getattr(torchvision.models, name)(weights=None, norm_layer=NORMS[norm])
         if cifar_stem:
@@ -73,24 +75,46 @@ class ResNet(nn.Module):
             # encoders/models.py re-initializes its replaced first conv), not with nn.Conv2d's default
             nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
             net.maxpool = nn.Identity()
-        self.embed_dim, self.cifar_stem, self.blurpool = net.fc.in_features, cifar_stem, blurpool
+        self.cifar_stem, self.blurpool, self.width = cifar_stem, blurpool, net.fc.in_features
         net.fc = nn.Identity()
+        if pretrained:  # torchvision's ImageNet weights (the stem, norm and convs are torchvision's own: checked)
+            load_torchvision_weights(net, name)
         if blurpool:
             apply_blurpool(net)
         self.net = net
+        # --embed_dim: a linear layer from the pooled feature to the embedding (no keys when absent: older runs load)
+        self.projection = nn.Linear(self.width, embed_dim) if embed_dim else None
+        self.embed_dim = embed_dim or self.width
 
     def forward(self, x):
-        return self.net(x)
+        z = self.net(x)
+        return self.projection(z) if self.projection is not None else z
 
 
-def build_backbone(name, image_size, cifar_stem=None, norm="batch", blurpool=False):
+def build_backbone(name, image_size, cifar_stem=None, norm="batch", blurpool=False, pretrained=False, embed_dim=None,
+                   timm=None):
     """The backbone called `name` for square images of side `image_size`.
 
     `cifar_stem=None` picks the CIFAR stem automatically for images under 64 px (ResNets only); `norm` picks the
     ResNets' normalization layers (NORMS); `blurpool` blurs before every strided conv (ResNets only, BlurPoolConv2d).
+    `pretrained`: start from the network's pretrained weights (torchvision's ImageNet weights for the ResNets, the
+    timm model's own); `embed_dim`: a linear layer to that many dims on top of the pooled feature (--embed_dim).
+    `timm`: a timm model's spec (mrl.pretrained_backbones.timm_spec, or config.json's model.timm), for --model naming
+    a timm model.
     """
+    if timm is not None:
+        if cifar_stem or norm != "batch" or blurpool:
+            raise UserError(f"--cifar_stem, --norm and --blurpool change torchvision's ResNets; {name} is a timm model, "
+                            "used as it is")
+        return build_timm(timm, pretrained, embed_dim)
     if name not in BACKBONES:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}")
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}, timm/<name>, "
+                        "hf-hub:<user>/<repo> (a timm model on the Hub) or a folder holding a timm model")
+    if name.startswith("cnn4") and (pretrained or embed_dim):
+        raise UserError(f"--pretrained and --embed_dim are for the ResNets and timm models; {name} is the blog's CNN")
+    if pretrained and (cifar_stem or norm != "batch" or blurpool):
+        raise UserError(f"--pretrained loads torchvision's ImageNet {name}, with its own stem and BatchNorm: it goes "
+                        "with none of --cifar_stem on, --norm group, --blurpool")
     if name.startswith("cnn4") and blurpool:  # cnn4 downsamples with max-pools only: there is no strided conv
         raise UserError(f"--blurpool is for the ResNets; {name} has no strided convolution")
     if name.startswith("cnn4"):
@@ -99,8 +123,9 @@ def build_backbone(name, image_size, cifar_stem=None, norm="batch", blurpool=Fal
             raise UserError(f"--norm {norm} is for the ResNets; {name} has {has}")
         return CNN4(image_size=image_size, batchnorm=name == "cnn4_bn")
     if cifar_stem is None:
-        cifar_stem = image_size < 64
-    return ResNet(name, cifar_stem=cifar_stem, norm=norm, blurpool=blurpool)
+        cifar_stem = image_size < 64 and not pretrained
+    return ResNet(name, cifar_stem=cifar_stem, norm=norm, blurpool=blurpool, pretrained=pretrained,
+                  embed_dim=embed_dim)
 
 
 class BlurPoolConv2d(nn.Module):
@@ -198,11 +223,28 @@ class MatryoshkaHeads(nn.Module):
 
 
 class MatryoshkaClassifier(nn.Module):
-    """Backbone + Matryoshka heads. forward returns (embedding, per-head logits)."""
+    """Backbone + Matryoshka heads. forward returns (embedding, per-head logits).
+
+    `freeze_net(True)` freezes the backbone's network (`backbone.net`: the pretrained part; a --embed_dim projection
+    and the heads keep training): no gradients, and eval mode whatever `train()` says, so that its BatchNorm
+    statistics and dropout stay as they were -- the linear-probe phase of a fine-tuning run.
+    """
 
     def __init__(self, backbone, heads):
         super().__init__()
         self.backbone, self.heads = backbone, heads
+        self.net_frozen = False
+
+    def freeze_net(self, frozen):
+        self.net_frozen = frozen
+        self.backbone.net.requires_grad_(not frozen)
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.net_frozen:
+            self.backbone.net.eval()
+        return self
 
     def forward(self, x):
         z = self.backbone(x)

@@ -17,19 +17,57 @@ NO_DECAY = {
 OPTIMIZERS = ("adamw", "sgd", "adam")  # adam: weight decay as L2 in the gradient (mrl-pytorch, train_ssl.py's default)
 
 
-def parameter_groups(model, weight_decay, no_decay):
-    """Two groups: parameters that decay with `weight_decay`, and those the `no_decay` rule exempts (empty groups
-    are left out; the order of the parameters is the model's, so optimizer states saved by earlier runs load)."""
+# A backbone's network -- the pretrained part of a fine-tuning run -- is the module `backbone.net` (mrl.models,
+# mrl.pretrained_backbones): `backbone.net.*` in a supervised model, `online.backbone.net.*` in an SSL one.
+PRETRAINED_PART = "backbone.net."
+
+
+def parameter_groups(model, weight_decay, no_decay, backbone_lr_scale=1.0, layer_decay=None):
+    """Parameter groups: those that decay with `weight_decay` and those the `no_decay` rule exempts, and with a
+    fine-tuning recipe one pair per learning-rate scale, each group's "lr_scale" multiplying the scheduled rate
+    (mrl.loop): `backbone_lr_scale` for the backbone's network, times `layer_decay` ** (layers above) when given
+    (timm's layer groups: the stem lowest, the last block at 1), 1 for what is new (a projection, the heads).
+    Empty groups are left out; without a fine-tuning recipe there are the two groups of earlier versions, in the
+    model's parameter order, so their saved optimizer states load."""
     rule = NO_DECAY[no_decay]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if not rule(n, p)]
-    exempt = [p for n, p in named if rule(n, p)]
-    groups = [{"params": decay, "weight_decay": weight_decay}] if decay else []
-    return groups + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
+    scales = lr_scales(model, named, backbone_lr_scale, layer_decay)
+    groups = {}
+    for (n, p), scale in zip(named, scales):
+        key = (scale, rule(n, p))
+        groups.setdefault(key, {"params": [], "weight_decay": 0.0 if key[1] else weight_decay,
+                                **({"lr_scale": scale} if scale != 1.0 else {})})["params"].append(p)
+    # the order of earlier versions: decaying parameters first; the scales from the backbone's lowest layer up
+    return [groups[key] for key in sorted(groups, key=lambda key: (key[1], key[0]))]
 
 
-def build_optimizer(model, name, lr, weight_decay, momentum=0.9, no_decay="none"):
-    groups = parameter_groups(model, weight_decay, no_decay)
+def lr_scales(model, named, backbone_lr_scale, layer_decay):
+    """The learning-rate scale of every (name, parameter) in `named`."""
+    if backbone_lr_scale == 1.0 and not layer_decay:
+        return [1.0] * len(named)
+    nets = [(prefix, module) for prefix, module in model.named_modules() if prefix.endswith(PRETRAINED_PART[:-1])]
+    layers = {}
+    if layer_decay:
+        for prefix, net in nets:
+            if not hasattr(net, "group_matcher"):
+                raise UserError("--layer_decay needs a timm backbone: its layer groups (group_matcher) say which "
+                                "layer each parameter belongs to")
+            from timm.models import group_parameters
+
+            layer_map = group_parameters(net, net.group_matcher(coarse=False), reverse=True)
+            top = max(layer_map.values())
+            layers.update({f"{prefix}.{name}": top - layer for name, layer in layer_map.items()})
+    scales = []
+    for name, _ in named:
+        pretrained = any(name.startswith(prefix + ".") for prefix, _ in nets)
+        scales.append(backbone_lr_scale * layer_decay ** layers.get(name, 0) if pretrained and layer_decay
+                      else backbone_lr_scale if pretrained else 1.0)
+    return scales
+
+
+def build_optimizer(model, name, lr, weight_decay, momentum=0.9, no_decay="none", backbone_lr_scale=1.0,
+                    layer_decay=None):
+    groups = parameter_groups(model, weight_decay, no_decay, backbone_lr_scale, layer_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "adam":

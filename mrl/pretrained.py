@@ -306,14 +306,15 @@ def list_images(folder):
     return found
 
 
-def eval_transform(config):
-    """The run's evaluation preprocessing (PIL image -> normalized tensor), as evaluate.py builds it."""
+def eval_transform(config, image_size=None):
+    """The run's evaluation preprocessing (PIL image -> normalized tensor), for evaluate.py too; `image_size`
+    overrides the run's (evaluate.py --image_size)."""
     data = config.get("data") or {}
     if not data.get("image_size"):
         raise UserError("the model's config.json has no data.image_size: it cannot say how to preprocess images")
-    args = (data["image_size"], data.get("mean", (0.0,) * 3), data.get("std", (1.0,) * 3))
-    try:
-        return build_transform(data.get("augment", "none"), *args, train=False)
+    args = (image_size or data["image_size"], data.get("mean", (0.0,) * 3), data.get("std", (1.0,) * 3))
+    try:  # a pretrained backbone's own resize and crop (data.preprocessing) where the run recorded them
+        return build_transform(data.get("augment", "none"), *args, train=False, preprocessing=data.get("preprocessing"))
     except UserError:  # a train-only augmentation name (e.g. SSL's two views): evaluation is the plain resize
         return build_transform("none", *args, train=False)
 

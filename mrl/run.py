@@ -18,6 +18,8 @@ from mrl.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save
 from mrl.data import get_preset, load_splits
 from mrl.distributed import make_accelerator
 from mrl.guards import Preemption, ignore_signals_in_worker
+from mrl.models import BACKBONES
+from mrl.pretrained_backbones import is_external, resolve_backbone, with_preprocessing
 from mrl.publish import publish_run
 from mrl.run_config import write_config
 from mrl.streams import ShardedStream, StreamLoader
@@ -59,14 +61,24 @@ class Run:
                                    f"batch {self.state.batch_in_epoch}")
 
 
-def resolve_preset(args, variant):
-    """The dataset preset, with its model and image size filled in where the flags leave them, and the flags that
-    depend on others resolved (`variant` names the run's default --output_dir; see cli.resolve_run_args)."""
+def resolve_preset(args, variant, augment=None):
+    """(preset, source): the dataset preset, with its model and image size filled in where the flags leave them, and
+    the flags that depend on others resolved (`variant` names the run's default --output_dir; see
+    cli.resolve_run_args). A timm model, or a ResNet with --pretrained, brings its own resolution and normalization:
+    the preset then carries its mean/std (and `augment`, the training augmentation for it), and `source` its timm
+    spec and preprocessing (mrl.pretrained_backbones.resolve_backbone)."""
     preset = get_preset(args.dataset)
     args.model = args.model or preset.model
+    if not is_external(args.model) and args.model not in BACKBONES:
+        raise UserError(f"unknown --model {args.model!r}; choose one of: {', '.join(BACKBONES)}, timm/<name>, "
+                        "hf-hub:<user>/<repo> (a timm model on the Hub) or a folder holding a timm model")
+    source = resolve_backbone(args.model, args.pretrained, args.image_size)
+    if source.preprocessing is not None:
+        preset = with_preprocessing(preset, source.preprocessing, augment)
+        args.image_size = source.preprocessing["image_size"]
     args.image_size = args.image_size or preset.image_size
     cli.resolve_run_args(args, variant)
-    return preset
+    return preset, source
 
 
 def start_run(args, after_save=None, mixed_precision=None):
@@ -89,6 +101,7 @@ def build_accelerator(args, mixed_precision=None):
     """
     try:
         accelerator = make_accelerator(
+            find_unused_parameters=bool(getattr(args, "freeze_backbone_epochs", 0)),  # frozen epochs: no gradients
             gradient_accumulation_steps=args.grad_accum_steps,
             mixed_precision=mixed_precision or getattr(args, "mixed_precision", None),
             log_with="wandb" if args.report_to == "wandb" else None,

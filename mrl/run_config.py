@@ -15,24 +15,31 @@ FORMAT_VERSION = 1
 ONLINE, TARGET = "online", "target.module"  # the SSL training model's encoders, as their state-dict keys start
 
 
-def run_config(args, backbone, splits, mean, std, augment, heads=None, ssl=None):
+def run_config(args, backbone, splits, mean, std, augment, heads=None, ssl=None, timm=None, preprocessing=None):
     """The contents of config.json (without its format version, which write_config adds, and the W&B run's
     coordinates, which mrl.run.start_tracking adds once the run has started).
 
     `heads`: a supervised run's {"dims", "num_classes", "tied", "baseline", "fixed_feature"} (the class names are
     added here);
     `ssl`: an SSL run's {"method", "nest", "dims", "exported", "projector"}. Exactly one of them is given.
+    `timm`: a timm backbone's spec (architecture, model_args, source: what rebuilds it offline); `preprocessing`: a
+    pretrained backbone's resize and crop (mrl.pretrained_backbones; None: the dataset preset's).
     """
     if (heads is None) == (ssl is None):
         raise ValueError("a run has either heads (supervised) or an ssl block")
     data = {"dataset": args.dataset, "dataset_path": args.dataset_path, "image_size": args.image_size,
             "mean": list(mean), "std": list(std), "augment": augment, "seed": args.seed,
             "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
-            "splits": splits.record}  # everything that defines the splits: evaluate.py rebuilds them from it
+            "splits": splits.record,  # everything that defines the splits: evaluate.py rebuilds them from it
+            "preprocessing": preprocessing and {k: preprocessing[k] for k in ("image_size", "resize", "crop_mode",
+                                                                              "interpolation")}}
     config = {"kind": "ssl" if ssl is not None else "supervised",
               "model": {"backbone": args.model, "embed_dim": backbone.embed_dim,
                         "cifar_stem": getattr(backbone, "cifar_stem", None), "norm": getattr(args, "norm", "batch"),
-                        "blurpool": getattr(backbone, "blurpool", False)},
+                        "blurpool": getattr(backbone, "blurpool", False),
+                        # a pretrained start: where from, and what rebuilds a timm network without reaching the Hub
+                        "pretrained": getattr(args, "pretrained", False), "timm": timm,
+                        "projection": getattr(args, "embed_dim", None)},
               "heads": {**heads, "class_names": splits.class_names} if heads is not None else None}
     if ssl is not None:  # the labels the kNN monitor used live with the data
         config["ssl"], data["class_names"] = ssl, splits.class_names

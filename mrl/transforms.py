@@ -13,10 +13,20 @@ from mrl import UserError
 from mrl.decode import open_image, resolve_decoder, tensor_transform  # open_image: decoding lives in mrl.decode
 
 
-def build_transform(augment, image_size, mean, std, train):
-    """PIL image -> normalized tensor. `augment` names the train-time augmentation; eval is deterministic."""
+def build_transform(augment, image_size, mean, std, train, preprocessing=None):
+    """PIL image -> normalized tensor. `augment` names the train-time augmentation; eval is deterministic.
+
+    `preprocessing`: a pretrained backbone's own (config.json's data.preprocessing: resize, crop_mode, interpolation;
+    mrl.pretrained_backbones), which then is the evaluation transform, and augment "pretrained" trains with
+    RandomResizedCrop + flip in its interpolation (timm's and torchvision's fine-tuning augmentation, without colour).
+    """
     size = (image_size, image_size)
-    if augment == "ssl":  # the self-supervised two-view recipe (mrl.ssl_augment; one view per call), eval: resize
+    if preprocessing and not train:
+        return T.Compose(pretrained_eval_steps(image_size, preprocessing) + [T.ToTensor(), T.Normalize(mean, std)])
+    if augment == "pretrained":
+        interpolation = T.InterpolationMode((preprocessing or {}).get("interpolation", "bilinear"))
+        steps = [T.RandomResizedCrop(size, interpolation=interpolation), T.RandomHorizontalFlip()]
+    elif augment == "ssl":  # the self-supervised two-view recipe (mrl.ssl_augment; one view per call), eval: resize
         from mrl.ssl_augment import ssl_augmentation
 
         steps = [ssl_augmentation(image_size)] if train else [T.Resize(size)]
@@ -30,9 +40,19 @@ def build_transform(augment, image_size, mean, std, train):
         elif train and augment in ("crop_flip", "crop"):
             steps.append(T.RandomCrop(size, padding=image_size // 8))
             steps += [T.RandomHorizontalFlip()] if augment == "crop_flip" else []
-        elif augment not in ("blog", "crop_flip", "crop", "none"):
+        elif augment not in ("blog", "crop_flip", "crop", "none", "pretrained"):
             raise UserError(f"unknown augmentation {augment!r}")
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def pretrained_eval_steps(image_size, preprocessing):
+    """A pretrained backbone's evaluation resize and crop, as timm.data.create_transform builds it: the shorter side
+    (crop_mode center; both sides for squash) resized to `resize` px, then the central image_size px. `resize` scales
+    with --image_size when that differs from the recorded one."""
+    resize = round(preprocessing["resize"] * image_size / preprocessing.get("image_size", image_size))
+    interpolation = T.InterpolationMode(preprocessing.get("interpolation", "bilinear"))
+    target = (resize, resize) if preprocessing.get("crop_mode") == "squash" else resize
+    return [T.Resize(target, interpolation=interpolation), T.CenterCrop((image_size, image_size))]
 
 
 def sample_seed(seed, epoch, index):
@@ -150,18 +170,21 @@ class Collate:
                 "unreadable": unreadable}
 
 
-def attach_transforms(splits, augment, image_size, mean, std, seed, views=1, train_transform=None, decoder="pil"):
+def attach_transforms(splits, augment, image_size, mean, std, seed, views=1, train_transform=None, decoder="pil",
+                      preprocessing=None):
     """set_transform on every split (train augmented and seeded, val/test plain); returns the train transform.
 
     `train_transform`, when given, is the per-image train transform to use instead of build_transform's for
     `augment` (e.g. the SSL recipe at another strength); val/test still get `augment`'s eval transform. `decoder`:
-    --decoder (mrl.decode.DECODERS).
+    --decoder (mrl.decode.DECODERS). `preprocessing`: a pretrained backbone's (see build_transform).
     """
     decoder = resolve_decoder(decoder)  # here, so that a missing TorchCodec warns once
-    train_transform = ImageTransform(train_transform or build_transform(augment, image_size, mean, std, train=True),
-                                     seed, views, decoder)
+    train_transform = ImageTransform(
+        train_transform or build_transform(augment, image_size, mean, std, train=True, preprocessing=preprocessing),
+        seed, views, decoder)
     splits.train.set_transform(train_transform)
-    plain = ImageTransform(build_transform(augment, image_size, mean, std, train=False), decoder=decoder)
+    plain = ImageTransform(build_transform(augment, image_size, mean, std, train=False, preprocessing=preprocessing),
+                           decoder=decoder)
     for ds in (splits.val, splits.test):
         if ds is not None:
             ds.set_transform(plain)
