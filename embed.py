@@ -9,7 +9,8 @@ re-ranks the shortlist with the largest dim written: MRL's adaptive retrieval, t
 Every Accelerate process embeds its shard of the images; the main process writes the files.
 
 Searching: `--query IMAGE ... --index <output_dir>` embeds the query images with the same run and prints their
-nearest images with cosine similarities (at the re-ranking dim).
+nearest images with cosine similarities (at the re-ranking dim). It also draws them (--grid, a PNG): each query and its
+nearest images at a few prefix sizes (--grid_dims), one row per d, so that what a small prefix gets wrong is seen.
 
 examples:
   python embed.py --checkpoint runs/supervised_mrl_digits_resnet18 --images photos/ --dims 16,512 --index_dim 16
@@ -33,14 +34,18 @@ from tqdm.auto import tqdm
 import datasets
 from mrl import UserError, cli
 from mrl.data import PRESETS, load_splits
+from mrl.decode import open_image
 from mrl.distributed import make_accelerator
 from mrl.features import embedded_batches
+from mrl.plots import Thumb, retrieval_grid
 from mrl.pretrained import MatryoshkaEncoder, list_images
-from mrl.retrieval import funnel_search, nearest_neighbors
+from mrl.retrieval import funnel_search, nearest_neighbors, normalized_prefix
+from mrl.retrieval_grid import default_grid_dims, ranked_blocks, split_thumbnails
 from mrl.transforms import Collate, FillUnreadable, ImageTransform
 
-EMBEDDINGS, MANIFEST = "embeddings.parquet", "embed.json"
+EMBEDDINGS, MANIFEST, GRID = "embeddings.parquet", "embed.json", "search_grid.png"
 INDEX_TYPES = ("flat", "hnsw")
+GRID_MAX_QUERIES = 16  # queries drawn in the grid (the picture grows a block of rows per query)
 
 
 def get_args_parser():
@@ -80,6 +85,14 @@ def get_args_parser():
     group.add_argument("--top_k", type=int, default=5, help="results per query")
     group.add_argument("--shortlist", type=int, default=200,
                        help="candidates the small-prefix index returns for re-ranking at the full dim")
+    group.add_argument("--grid", default=None,
+                       help=f"where the picture of the results goes (PNG): each query, then its --top_k nearest "
+                            f"images at each of --grid_dims, one row per d, the similarity under each (the first "
+                            f"{GRID_MAX_QUERIES} queries). Default: {GRID} in --index; 'none': no picture")
+    group.add_argument("--grid_dims", type=cli.parse_dims, nargs="+", default=None,
+                       help="the prefix sizes drawn, one row each, ranked by cosine on the L2-renormalized prefix "
+                            "(default: the smallest dim the model trained, a middle one and the full dim, e.g. "
+                            "8,64,512). The full dim's row is the printed results")
     return parser
 
 
@@ -125,7 +138,7 @@ def build(args):
     # ---- the images: a dataset of undecoded image cells whose `label` is the row's position, so that the rows the
     # processes gather back (unreadable images dropped) say which images they are
     with accelerator.main_process_first():
-        rows, metadata, class_names, source = image_rows(args, model.config)
+        rows, metadata, class_names, source, origin = image_rows(args, model.config)
     rows.set_transform(ImageTransform(model.preprocess))
     loader = torch.utils.data.DataLoader(FillUnreadable(rows, evaluation=True), batch_size=args.batch_size,
                                          shuffle=False, num_workers=args.num_workers, collate_fn=Collate(),
@@ -135,7 +148,8 @@ def build(args):
     start = time.perf_counter()
     loader = accelerator.prepare(loader)
     # every process embeds its shard; the main process writes the gathered rows as they come, a chunk at a time
-    writer = EmbeddingWriter(args, output_dir, metadata, class_names, dims) if accelerator.is_main_process else None
+    writer = (EmbeddingWriter(args, output_dir, metadata, class_names, dims, origin) if accelerator.is_main_process
+              else None)
     for features, positions in embedded_batches(accelerator, model.backbone, tqdm(
             loader, desc="embedding", dynamic_ncols=True, disable=not accelerator.is_local_main_process)):
         if writer is not None:
@@ -165,7 +179,8 @@ def default_output_dir(checkpoint):
 
 
 def image_rows(args, config):
-    """(rows to embed, their metadata columns, class names or None, a description of the source)."""
+    """(rows to embed, their metadata columns, class names or None, a description of the source, and for a dataset
+    the load_splits arguments that give its splits again -- a search shows its images -- else None)."""
     features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64"),
                                   "index": datasets.Value("int64")})
     if args.images is not None:
@@ -173,14 +188,16 @@ def image_rows(args, config):
         positions = np.arange(len(paths))
         rows = datasets.Dataset.from_dict({"image": [{"path": p, "bytes": None} for p in paths], "label": positions,
                                            "index": positions}, features=features)
-        return rows, {"path": paths}, None, args.images
+        return rows, {"path": paths}, None, args.images, None
     # a dataset: the run's own splits (seed and fractions from its config) when it trained on this dataset
     data = config.get("data") or {}
     same = args.dataset == data.get("dataset")
-    splits = load_splits(args.dataset, args.dataset_path or (data.get("dataset_path") if same else None),
-                         seed=data.get("seed", 0) if same else 0,
-                         val_fraction=data.get("val_fraction", 0.1) if same else 0.1,
-                         test_fraction=data.get("test_fraction", 0.1) if same else 0.1)
+    origin = {"name": args.dataset, "path": args.dataset_path or (data.get("dataset_path") if same else None),
+              "seed": data.get("seed", 0) if same else 0,
+              "val_fraction": data.get("val_fraction", 0.1) if same else 0.1,
+              "test_fraction": data.get("test_fraction", 0.1) if same else 0.1}
+    splits = load_splits(origin["name"], origin["path"], seed=origin["seed"], val_fraction=origin["val_fraction"],
+                         test_fraction=origin["test_fraction"])
     names = ("train", "val", "test") if args.split == "all" else (args.split,)
     parts = [(name, getattr(splits, name)) for name in names if getattr(splits, name) is not None]
     if not parts:
@@ -191,7 +208,7 @@ def image_rows(args, config):
     images = datasets.concatenate_datasets([ds.select_columns(["image"]) for _, ds in parts])
     positions = np.arange(len(images))
     rows = images.add_column("label", positions).add_column("index", positions).cast(features)
-    return rows, metadata, splits.class_names, f"{args.dataset} ({', '.join(name for name, _ in parts)})"
+    return rows, metadata, splits.class_names, f"{args.dataset} ({', '.join(name for name, _ in parts)})", origin
 
 
 class EmbeddingWriter:
@@ -201,8 +218,9 @@ class EmbeddingWriter:
 
     CHUNK_ROWS = 8192
 
-    def __init__(self, args, output_dir, metadata, class_names, dims):
+    def __init__(self, args, output_dir, metadata, class_names, dims, origin=None):
         self.args, self.output_dir, self.metadata, self.class_names = args, output_dir, metadata, class_names
+        self.origin = origin
         self.dims = dims
         self.total = len(metadata[next(iter(metadata))])
         self.written = np.zeros(self.total, dtype=bool)
@@ -251,7 +269,7 @@ class EmbeddingWriter:
         checkpoint = os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
         manifest = {"checkpoint": checkpoint,
                     "source": source, "count": kept, "skipped_unreadable": skipped, "dims": self.dims,
-                    "columns": columns, "normalized": True, "index": None}
+                    "columns": columns, "normalized": True, "index": None, "dataset": self.origin}
         if self.index is not None:
             name = f"index_d{args.index_dim}_{args.index_type}.faiss"
             import faiss
@@ -311,42 +329,124 @@ def search(args):
     table = pq.read_table(os.path.join(args.index, EMBEDDINGS))
     index = manifest.get("index")
     full_dim = index["rerank_dim"] if index else max(manifest["dims"])
+    grid_dims = check_grid_dims(args, full_dim)
     model = MatryoshkaEncoder.from_pretrained(args.checkpoint or manifest["checkpoint"])
+    # by default three of the dims the model trained, up to the searched embedding's
+    grid_dims = grid_dims or default_grid_dims([d for d in model.dims if d <= full_dim] + [full_dim])
     queries = [p for q in args.query for p in (list_images(q) if os.path.isdir(q) else [q])]
     missing = [q for q in queries if not os.path.isfile(q)]
     if missing:
         raise UserError(f"--query {missing[0]} is not a file")
     database = columns_matrix(table, full_dim)
     k = min(args.top_k, len(database))
+    # one forward pass for every prefix the search and the grid use
+    encoded = model.encode(queries, dim=sorted({full_dim, *grid_dims, *([index["dim"]] if index else [])}),
+                           batch_size=args.batch_size)
     if index:  # shortlist by the small prefix's index, re-rank at the full dim (mrl.retrieval's funnel)
-        encoded = model.encode(queries, dim=[index["dim"], full_dim], batch_size=args.batch_size)
         shortlist = min(args.shortlist, len(database))
         ids = funnel_search(encoded[index["dim"]], columns_matrix(table, index["dim"]), encoded[full_dim], database,
                             shortlist, k, index=FaissShortlist(os.path.join(args.index, index["file"])))
         how = (f"shortlist of {shortlist} by dim {index['dim']} ({index['type']} faiss index), re-ranked at dim "
                f"{full_dim}")
-        query_large = encoded[full_dim]
     else:
-        query_large = model.encode(queries, dim=full_dim, batch_size=args.batch_size)
-        ids = nearest_neighbors(query_large, database, k)[1]
+        ids = nearest_neighbors(encoded[full_dim], database, k)[1]
         how = f"exact search at dim {full_dim}"
-    scores = torch.einsum("qd,qkd->qk", query_large, database[ids])
+    scores = torch.einsum("qd,qkd->qk", encoded[full_dim], database[ids])
     names = item_names(table)
     print(f"nearest of {len(database)} images ({how}):")
     for query, row_ids, row_scores in zip(queries, ids.tolist(), scores.tolist()):
         print(f"query {query}")
         for rank, (i, score) in enumerate(zip(row_ids, row_scores), 1):
             print(f"  {rank:>3}  {score:.4f}  {names[i]}")
+    if args.grid != "none":
+        write_grid(args, manifest, table, queries, encoded, database, (scores, ids), grid_dims, k, how)
+
+
+def check_grid_dims(args, full_dim):
+    """--grid_dims, sorted; None when not given."""
+    if args.grid_dims is None:
+        return None
+    dims = sorted({d for group in args.grid_dims for d in group})
+    if not dims or dims[0] < 1 or dims[-1] > full_dim:
+        raise UserError(f"--grid_dims must lie in 1..{full_dim} (the largest dim in --index), got {dims}")
+    return dims
+
+
+def write_grid(args, manifest, table, queries, encoded, database, results, grid_dims, k, how):
+    """The results as a picture: each query, then its k nearest images at each d of grid_dims (one row each, by
+    cosine on the L2-renormalized prefix: mrl.retrieval's nearest_neighbors, as the search ranks). The full dim's
+    row is the printed results, funnel included."""
+    shown = queries[:GRID_MAX_QUERIES]
+    full_dim = database.shape[1]
+    rankings = {}
+    for d in grid_dims:
+        if d == full_dim:
+            scores, ids = results
+            rankings[f"d = {d}" + ("\n(funnel)" if manifest.get("index") else "")] = (scores[:len(shown)],
+                                                                                      ids[:len(shown)])
+        else:
+            rankings[f"d = {d}"] = nearest_neighbors(encoded[d][:len(shown)], normalized_prefix(database, d), k)
+    labels = item_labels(table)  # a dataset's class names, else the file names
+    paths = table.column("path").to_pylist() if labels is None else None
+
+    def caption(i):
+        return labels[i] if labels is not None else os.path.basename(paths[i])[:16]
+
+    blocks = ranked_blocks([Thumb(open_image({"path": q, "bytes": None}), f"query\n{os.path.basename(q)[:16]}")
+                            for q in shown], rankings, database_thumbnails(manifest, table), caption)
+    path = args.grid or os.path.join(args.index, GRID)
+    try:
+        retrieval_grid(blocks, path, title=f"nearest of {len(database)} images by cosine on each prefix d\n"
+                                           f"d = {full_dim}: {how}")
+    except OSError as e:
+        raise UserError(f"cannot write the grid to {path} ({e.strerror or e}): pass --grid PATH, or --grid none")
+    more = f", the first {len(shown)} of {len(queries)} queries" if len(shown) < len(queries) else ""
+    print(f"wrote the results as a picture: {path} (rows d = {', '.join(map(str, grid_dims))}{more})")
+
+
+def database_thumbnails(manifest, table):
+    """thumbnail(i): embedded image i, from its file or from the dataset split it was embedded from (loaded again
+    with the arguments embed.json records); None where it cannot be read -- the grid then shows an empty cell."""
+    if "path" in table.column_names:
+        paths = table.column("path").to_pylist()
+        return lambda i: open_image({"path": paths[i], "bytes": None})
+    origin = manifest.get("dataset")
+    if origin is None:  # embed.json from before it recorded the dataset
+        return lambda i: None
+    try:
+        splits = load_splits(origin["name"], origin["path"], seed=origin["seed"],
+                             val_fraction=origin["val_fraction"], test_fraction=origin["test_fraction"])
+    except UserError as e:  # e.g. a Hub dataset offline: the grid still shows the scores and classes
+        print(f"the grid shows no images: {e}")
+        return lambda i: None
+    split, row = table.column("split").to_pylist(), table.column("row").to_pylist()
+    readers = {}  # split -> (thumbnail by position, position of each source row)
+
+    def thumbnail(i):
+        if split[i] not in readers:
+            dataset = getattr(splits, split[i])
+            readers[split[i]] = split_thumbnails(dataset), {r: p for p, r in enumerate(dataset["index"])}
+        read, position = readers[split[i]]
+        return read(position[row[i]])
+
+    return thumbnail
+
+
+def item_labels(table):
+    """Each embedded image's class name, None for a folder of images (no labels)."""
+    if "label" not in table.column_names:
+        return None
+    label = datasets.Features.from_arrow_schema(table.schema)["label"]
+    name = label.int2str if isinstance(label, datasets.ClassLabel) else str
+    return [name(y) for y in table.column("label").to_pylist()]
 
 
 def item_names(table):
     """How each embedded image is named in the results: its path, or split[row] and its class."""
     if "path" in table.column_names:
         return table.column("path").to_pylist()
-    label = datasets.Features.from_arrow_schema(table.schema)["label"]
-    name = label.int2str if isinstance(label, datasets.ClassLabel) else str
-    return [f"{split}[{row}] label {name(y)}" for split, row, y in
-            zip(*(table.column(c).to_pylist() for c in ("split", "row", "label")))]
+    return [f"{split}[{row}] label {y}" for split, row, y in
+            zip(table.column("split").to_pylist(), table.column("row").to_pylist(), item_labels(table))]
 
 
 if __name__ == "__main__":

@@ -35,14 +35,15 @@ from mrl import UserError, cli
 from mrl.checkpoint import MODEL_FILE, TrainState, checkpoint_run_dir, is_checkpoint, load_model, read_config
 from mrl.data import load_splits, split_record, trained_rows
 from mrl.distributed import make_accelerator
-from mrl.eval_report import (comparison, log_results, results_markdown, run_family, wants_comparison,
+from mrl.eval_report import (comparison, log_results, results_markdown, run_family, safe_name, wants_comparison,
                              write_outputs)
 from mrl.features import PCA_FIT_SAMPLES, features_cache_key, file_digest, load_or_extract, pca
 from mrl.model_card import update_card_with_evaluation
-from mrl.pretrained import eval_transform as run_eval_transform
 from mrl.models import build_backbone, default_dims
+from mrl.pretrained import eval_transform as run_eval_transform
 from mrl.probe import L2_GRID, PROBE_MAX_TRAIN_SAMPLES, cascade, sklearn_probe, torch_probe
 from mrl.retrieval import adaptive_retrieval, neighbor_metrics
+from mrl.retrieval_grid import default_grid_dims, evaluation_grid, split_thumbnails
 from mrl.robustness import SHIFTED_SETS, heads_top1, load_shifted, parse_paths
 from mrl.streams import is_webdataset
 from mrl.tracking import default_run_name, init_tracking
@@ -108,6 +109,10 @@ def get_args_parser():
                             "MRL's heads, MRL-E's heads, the fixed-feature FF-K runs (one point per run, at d=K) and "
                             "the baseline's PCA to d with the probe. Default: on when the checkpoints include an FF-K "
                             "run or runs of more than one kind")
+    group.add_argument("--retrieval_grid", action=argparse.BooleanOptionalAction, default=True,
+                       help="draw, per run, a few evaluation images (one per class, evenly spaced) with their nearest "
+                            "train images at the smallest, a middle and the full dim (retrieval_grid_<run>.png, on "
+                            "W&B under plots/retrieval_grid)")
     group.add_argument("--robustness", nargs="+", default=[], choices=list(SHIFTED_SETS), metavar="SET",
                        help="supervised ImageNet runs: also each head's top-1 on these distribution-shift test sets "
                             f"({', '.join(SHIFTED_SETS)}), with the run's evaluation preprocessing; ImageNet-A and -R "
@@ -169,6 +174,7 @@ def main(args):
     results = {"dataset": data, "eval_split": eval_split, "class_names": class_names, "protocols": protocols(args),
                "runs": []}
     embeddings = {}  # label -> the evaluation split's (features, labels), for the 2-D PCA scatter plots
+    grids = {}  # label -> (train features, evaluation features, dims), for the retrieval grids
     for path, label, (backbone, heads, config), run_dims, (family, k) in zip(args.checkpoint, labels, models, dims,
                                                                              families):
         # ---- features of every split, from the cache or the model (eval-mode preprocessing on train too)
@@ -187,6 +193,7 @@ def main(args):
                                 "image_size": args.image_size or config["data"]["image_size"],
                                 "wandb": config.get("wandb"), **run})
         embeddings[label] = features[eval_split]
+        grids[label] = (features["train"], features[eval_split], run_dims)
     if shifted:
         results["robustness"] = {name: {"title": SHIFTED_SETS[name].title, "source": source, "n": len(ds),
                                         "restricted_to_classes": SHIFTED_SETS[name].classes_file is not None}
@@ -201,6 +208,12 @@ def main(args):
     # ---- report: results.json, results.md and plots in --output_dir, the W&B page, the model cards
     if accelerator.is_main_process:
         images = write_outputs(args, results, embeddings)
+        for label, (train, evaluation, run_dims) in grids.items() if args.retrieval_grid else []:
+            images[f"retrieval_grid/{label}"] = evaluation_grid(
+                os.path.join(args.output_dir, f"retrieval_grid_{safe_name(label)}.png"), *train, *evaluation,
+                default_grid_dims(run_dims), split_thumbnails(splits.train), split_thumbnails(getattr(splits, eval_split)),
+                class_names, device=accelerator.device, title=f"{label}: nearest train images by cosine on each prefix")
+            log(f"{label}: retrieval grid in {images[f'retrieval_grid/{label}']}")
         if args.report_to == "wandb":  # the W&B run started with the script; now its tables, charts and plots
             log_results(args, accelerator, results, images)
         for run in results["runs"] if args.update_model_card else []:

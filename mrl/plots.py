@@ -1,9 +1,13 @@
-"""Figures written as PNG files: what the blog showed (PCA of embedding prefixes) and accuracy against dim."""
+"""Figures written as PNG files: what the blog showed (PCA of embedding prefixes), accuracy against dim, and
+retrieval grids (a query beside its nearest images at a few prefix sizes)."""
+
+from typing import NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: training nodes have no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -108,3 +112,74 @@ def _save(fig, path, ax=None, legend_fontsize=None):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---- retrieval grids
+
+class Thumb(NamedTuple):
+    """One cell of a retrieval grid: an RGB image (PIL image or HxWx3 array; None when it cannot be read), the text
+    under it and, when both labels are known, whether its label is the query's (green border) or not (red)."""
+    image: object
+    caption: str
+    match: bool | None = None
+
+
+# the grid's fixed layout in inches (no tight_layout: every cell has the same size and a known place)
+GRID_CELL, GRID_THUMB, GRID_CAPTION = 1.05, 0.85, 0.4  # a column's width, the square thumbnail, the text under it
+GRID_LEFT, GRID_TOP, GRID_GAP, GRID_MARGIN = 0.45, 0.45, 0.3, 0.1  # row titles, the title, between queries, edges
+GRID_DPI = 100
+GRID_PIXELS = 96  # thumbnails are shrunk to at most this many pixels a side before drawing (memory, file size)
+BORDERS = {True: "#1a9850", False: "#d73027", None: "#bbbbbb"}  # same label, other label, unknown
+QUERY_BORDER = "#2166ac"
+
+
+def retrieval_grid_figure(blocks, title=None):
+    """The retrieval grid as a figure. `blocks`, one per query: (query Thumb, [(row title, [Thumb, ...])]), one row
+    per prefix size, each with the query in column 0 and its neighbours after it, most similar first. Blocks are
+    stacked top to bottom. Each cell is an axes labelled "query q, row r, column c" (c = 0: the query), so that the
+    figure can be read back."""
+    rows = sum(len(block_rows) for _, block_rows in blocks)
+    columns = 1 + max(len(cells) for _, block_rows in blocks for _, cells in block_rows)
+    width = GRID_LEFT + columns * GRID_CELL + GRID_MARGIN
+    height = GRID_TOP + rows * (GRID_THUMB + GRID_CAPTION) + (len(blocks) - 1) * GRID_GAP + GRID_MARGIN
+    fig = plt.figure(figsize=(width, height))
+    if title:
+        fig.text(0.5, 1 - GRID_TOP / 2 / height, title, ha="center", va="center", fontsize=8)
+    top = height - GRID_TOP  # the top of the next row, in inches from the bottom
+    for q, (query, block_rows) in enumerate(blocks):
+        for r, (row_title, cells) in enumerate(block_rows):
+            bottom = top - GRID_THUMB
+            for c, thumb in enumerate([query, *cells]):
+                left = GRID_LEFT + c * GRID_CELL + (GRID_CELL - GRID_THUMB) / 2
+                ax = fig.add_axes((left / width, bottom / height, GRID_THUMB / width, GRID_THUMB / height),
+                                  label=f"query {q}, row {r}, column {c}")
+                _draw_thumb(ax, thumb, QUERY_BORDER if c == 0 else BORDERS[thumb.match])
+                if c == 0:
+                    ax.set_ylabel(row_title, fontsize=8)
+            top = bottom - GRID_CAPTION
+        top -= GRID_GAP
+    return fig
+
+
+def retrieval_grid(blocks, path, title=None):
+    """Write retrieval_grid_figure(blocks, title) as a PNG; returns the path."""
+    fig = retrieval_grid_figure(blocks, title)
+    fig.savefig(path, dpi=GRID_DPI)
+    plt.close(fig)
+    return path
+
+
+def _draw_thumb(ax, thumb, border):
+    ax.set_xticks([]), ax.set_yticks([])
+    if thumb.image is None:
+        ax.set_facecolor("#eeeeee")
+        ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+    else:
+        image = thumb.image.copy() if hasattr(thumb.image, "thumbnail") else None
+        if image is not None:
+            image.thumbnail((GRID_PIXELS, GRID_PIXELS))  # in place, keeps the aspect ratio; never enlarges
+        ax.imshow(np.asarray(image if image is not None else thumb.image))
+    for spine in ax.spines.values():
+        spine.set_edgecolor(border)
+        spine.set_linewidth(3)
+    ax.set_xlabel(thumb.caption, fontsize=7, color="black" if thumb.match is None else border, labelpad=2)

@@ -5,9 +5,11 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import evaluate
@@ -16,6 +18,7 @@ from mrl import UserError
 from mrl.checkpoint import load_model
 from mrl.data import load_splits
 from mrl.features import extract, read_cache
+from mrl.retrieval_grid import evaluation_grid, split_thumbnails
 from mrl.transforms import ImageTransform, build_transform
 from wandb_history import history, records
 
@@ -134,6 +137,19 @@ def test_second_evaluation_reads_the_feature_cache(checkpoints, first_run, tmp_p
     summary = {item.key: json.loads(item.value_json) for record in records(wandb_file)
                if record.WhichOneof("record_type") == "summary" for item in record.summary.update}
     assert summary["sup/probe_d8"] == pytest.approx(results["runs"][0]["per_dim"][0]["probe"])
+    # the retrieval grid, logged as an image: the picture evaluation_grid draws from the run's cached features, rows
+    # at the evaluated dims (tests/test_retrieval_grid.py checks what such a picture shows, cell by cell)
+    assert "plots/retrieval_grid/sup/_type" in logged
+    data = json.loads((checkpoints / "sup" / "config.json").read_text())["data"]
+    splits = load_splits("digits", seed=data["seed"], val_fraction=data["val_fraction"],
+                         test_fraction=data["test_fraction"])
+    cached = {p.name.split("-")[0]: read_cache(str(p)[:-len(".labels.npy")])
+              for p in (checkpoints / "sup" / "features").glob("*.labels.npy")}
+    expected = evaluation_grid(tmp_path / "expected.png", *cached["train"], *cached["test"], [8, 16],
+                               split_thumbnails(splits.train), split_thumbnails(splits.test), splits.class_names,
+                               title="sup: nearest train images by cosine on each prefix")
+    drawn = np.asarray(Image.open(out / "retrieval_grid_sup.png"))
+    assert drawn.shape[0] > drawn.shape[1] and np.array_equal(drawn, np.asarray(Image.open(expected)))
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
