@@ -179,12 +179,13 @@ def main(args):
                                                                              families):
         # ---- features of every split, from the cache or the model (eval-mode preprocessing on train too)
         start = time.perf_counter()
-        features = embed_splits(args, accelerator, path, backbone, config, splits)
-        shifted_features = embed_robustness_sets(args, accelerator, path, backbone, config, shifted)
+        features = embed_splits(args, accelerator, path, label, backbone, config, splits)
+        shifted_features = embed_robustness_sets(args, accelerator, path, label, backbone, config, shifted)
         if not accelerator.is_main_process:
             continue  # the evaluation itself runs on the gathered features, in the main process
         log(f"{label}: features ready in {time.perf_counter() - start:.1f} s; evaluating dims {run_dims}")
-        run = evaluate_run(args, features, eval_split, heads, run_dims, len(class_names), accelerator.device, log)
+        run = evaluate_run(args, features, eval_split, heads, run_dims, len(class_names), accelerator.device,
+                           lambda line, label=label: log(f"{label}: {line}"))
         if shifted_features:
             run["robustness"] = {name: {"n": len(y), "top1": heads_top1(heads, x, y, name)}
                                  for name, (x, y) in shifted_features.items()}
@@ -418,7 +419,7 @@ def feature_cache_dir(args, path):
     return None if cache_dir.lower() == "none" else cache_dir
 
 
-def embed_robustness_sets(args, accelerator, path, backbone, config, shifted):
+def embed_robustness_sets(args, accelerator, path, label, backbone, config, shifted):
     """{set name: (features, labels)} of the robustness sets, cached like the splits (<name>-<key>.pt)."""
     if not shifted:
         return {}
@@ -431,12 +432,13 @@ def embed_robustness_sets(args, accelerator, path, backbone, config, shifted):
         key = features_cache_key(digest, name, dataset, {**preprocessing, "source_version": version})
         x, y, _ = load_or_extract(accelerator, backbone, dataset,
                                   os.path.join(cache_dir, f"{name}-{key}.pt") if cache_dir else None,
-                                  args.batch_size, args.num_workers, log=accelerator.print)
+                                  args.batch_size, args.num_workers, log=accelerator.print,
+                                  desc=f"{label}: {name} features")
         features[name] = (x, y)
     return features
 
 
-def embed_splits(args, accelerator, path, backbone, config, splits):
+def embed_splits(args, accelerator, path, label, backbone, config, splits):
     """{split: (features, labels)} for train, val and test, each loaded from the cache or extracted."""
     transform, preprocessing = eval_transform(args, accelerator, config)
     digest = weights_digest(path, config)
@@ -450,7 +452,7 @@ def embed_splits(args, accelerator, path, backbone, config, splits):
         cache_file = (os.path.join(cache_dir, f"{name}-{features_cache_key(digest, name, dataset, preprocessing)}.pt")
                       if cache_dir else None)
         x, y, _ = load_or_extract(accelerator, backbone, dataset, cache_file, args.batch_size, args.num_workers,
-                                  log=accelerator.print)
+                                  log=accelerator.print, desc=f"{label}: {name} features")
         features[name] = (x, y)
     return features
 
@@ -478,25 +480,29 @@ def evaluate_run(args, features, eval_split, heads, dims, num_classes, device, l
         return neighbor_metrics(x_train, train_y, x_eval, eval_y, dims, num_classes, args.knn_k,
                                 args.knn_temperature, args.retrieval_k, device)
 
-    start = time.perf_counter()
-    probes = probe(train_x, val_x, eval_x, "embedding")
-    timings["probe"] = time.perf_counter() - start
+    def timed(name, title, work):  # one line per stage, as it ends
+        start = time.perf_counter()
+        result = work()
+        timings[name] = time.perf_counter() - start
+        log(f"{title} at {len(dims)} dims: {timings[name]:.1f} s")
+        return result
+
+    probes = timed("probe", "linear probe", lambda: probe(train_x, val_x, eval_x, "embedding"))
     for p in probes:
         rows[p.dim].update(probe=p.accuracy, probe_l2=p.l2)
-    start = time.perf_counter()
-    for r in neighbors(train_x, eval_x):
+    for r in timed("knn_retrieval", "kNN and retrieval", lambda: neighbors(train_x, eval_x)):
         rows[r["dim"]].update({k: v for k, v in r.items() if k != "dim"})
-    timings["knn_retrieval"] = time.perf_counter() - start
 
     if args.pca:
-        start = time.perf_counter()
-        pca_train, pca_eval, *pca_val = pca(train_x, eval_x, *([val_x] if val_x is not None else []),
-                                             fit_samples=args.pca_fit_samples, seed=args.seed, device=device)
-        for p in probe(pca_train, pca_val[0] if pca_val else None, pca_eval, "PCA"):
-            rows[p.dim].update(pca_probe=p.accuracy, pca_probe_top5=topk_accuracy(p.probs, eval_y, 5))
-        for r in neighbors(pca_train, pca_eval):
-            rows[r["dim"]].update({f"pca_{k}": v for k, v in r.items() if k != "dim"})
-        timings["pca"] = time.perf_counter() - start
+        def pca_baseline():
+            pca_train, pca_eval, *pca_val = pca(train_x, eval_x, *([val_x] if val_x is not None else []),
+                                                 fit_samples=args.pca_fit_samples, seed=args.seed, device=device)
+            for p in probe(pca_train, pca_val[0] if pca_val else None, pca_eval, "PCA"):
+                rows[p.dim].update(pca_probe=p.accuracy, pca_probe_top5=topk_accuracy(p.probs, eval_y, 5))
+            for r in neighbors(pca_train, pca_eval):
+                rows[r["dim"]].update({f"pca_{k}": v for k, v in r.items() if k != "dim"})
+
+        timed("pca", "PCA baseline (fit, probe, kNN, retrieval)", pca_baseline)
 
     adaptive = {"probe": cascade([p.probs for p in probes], dims, eval_y)}
     if heads is not None:
@@ -514,12 +520,9 @@ def evaluate_run(args, features, eval_split, heads, dims, num_classes, device, l
         heads_result = {"dims": heads.dims, "top1": head_accuracy,
                         "top5": [topk_accuracy(logits, eval_y, 5) for logits in head_logits]}
 
-    start = time.perf_counter()
     k = args.retrieval_k[0]
-    funnel = adaptive_retrieval(train_x, train_y, eval_x, eval_y, dims, eval_x.shape[1], args.shortlist, k,
-                                device=device, index=args.index)
-    timings["adaptive_retrieval"] = time.perf_counter() - start
-    log("  ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
+    funnel = timed("adaptive_retrieval", "adaptive retrieval", lambda: adaptive_retrieval(
+        train_x, train_y, eval_x, eval_y, dims, eval_x.shape[1], args.shortlist, k, device=device, index=args.index))
     return {"dims": dims, "per_dim": [rows[d] for d in sorted(rows)], "adaptive_classification": adaptive,
             "adaptive_retrieval": funnel, "seconds": timings,
             "n": {"train": len(train_x), "val": len(features["val"][0]), "eval": len(eval_x),

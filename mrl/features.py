@@ -19,11 +19,13 @@ Caches of the earlier format (`<split>-<key>.pt`, float32, one torch.save'd dict
 import hashlib
 import json
 import os
+import time
 
 import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
 
 from mrl import UserError
 from mrl.transforms import Collate, FillUnreadable
@@ -183,13 +185,15 @@ def has_cache(stem):
     return stem is not None and (os.path.isfile(f"{stem}.labels.npy") or os.path.isfile(f"{stem}.pt"))
 
 
-def load_or_extract(accelerator, backbone, dataset, cache_stem, batch_size=256, num_workers=0, log=print):
+def load_or_extract(accelerator, backbone, dataset, cache_stem, batch_size=256, num_workers=0, log=print,
+                    desc="features"):
     """Features and labels of a split, from the cache under `cache_stem` when it exists, otherwise extracted (and
     cached there by the main process; `cache_stem=None` keeps them in memory only). Returns (features, labels,
     from_cache) on the main process, which alone runs the evaluation; (None, None, from_cache) on the others,
     which only take part in the extraction. The features are float16 (float32 for an old cache, or when a value
     exceeds float16's range), memory-mapped when cached. A trailing ".pt" on `cache_stem` (the earlier format's
-    file name) is dropped: both formats are found from the same name."""
+    file name) is dropped: both formats are found from the same name. An extraction shows a progress bar named
+    `desc` and ends with one line with its time, on the main process only."""
     if cache_stem is not None and cache_stem.endswith(".pt"):
         cache_stem = cache_stem[:-len(".pt")]
     found = [has_cache(cache_stem)]
@@ -199,15 +203,17 @@ def load_or_extract(accelerator, backbone, dataset, cache_stem, batch_size=256, 
             return None, None, True
         try:
             features, labels = read_cache(cache_stem)
-            log(f"loaded cached features {cache_stem}")
+            log(f"{desc}: loaded cached features {cache_stem}")
             return features, labels, True
         except Exception as e:  # a truncated or foreign file: extract again and overwrite it
             if accelerator.num_processes > 1:
                 raise UserError(f"cannot read the feature cache {cache_stem}: {e}; delete it and rerun") from e
             log(f"ignoring unreadable feature cache {cache_stem}: {type(e).__name__}")
     backbone.eval()
-    writer = None
-    for z, y in embedded_batches(accelerator, backbone, _loader(accelerator, dataset, batch_size, num_workers)):
+    writer, start = None, time.perf_counter()
+    batches = tqdm(_loader(accelerator, dataset, batch_size, num_workers), desc=desc, unit="batch", dynamic_ncols=True,
+                   disable=not accelerator.is_main_process, leave=False)
+    for z, y in embedded_batches(accelerator, backbone, batches):
         if accelerator.is_main_process:
             writer = writer or FeatureWriter(cache_stem, len(dataset), z.shape[1])
             writer.append(z, y)
@@ -217,7 +223,9 @@ def load_or_extract(accelerator, backbone, dataset, cache_stem, batch_size=256, 
             raise UserError("none of the images of the split could be read (corrupt or empty files?)")
         features, labels = writer.finish()
         cached = f", cached in {cache_stem}.*.npy" if writer.path is not None else ""
-        log(f"extracted {len(features)} x {features.shape[1]} features{cached}{writer.message}")
+        seconds = time.perf_counter() - start
+        log(f"{desc}: extracted {len(features)} x {features.shape[1]} in {seconds:.1f} s "
+            f"({len(features) / seconds:.0f} images/s){cached}{writer.message}")
     accelerator.wait_for_everyone()
     return features, labels, False
 

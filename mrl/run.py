@@ -6,6 +6,7 @@ Each script's main calls these in order and keeps what is its own: the model, th
 """
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -118,11 +119,12 @@ def build_accelerator(args, mixed_precision=None):
 def load_data(run, streams=False):
     """The run's splits (train / validation / test, and STL-10's unlabeled), prepared by the main process first so
     that the others read its cache. `streams`: whether the script can train on webdataset shards (streamed)."""
-    args = run.args
+    args, start = run.args, time.perf_counter()
     with run.accelerator.main_process_first():
         splits = load_splits(args.dataset, args.dataset_path, seed=args.seed, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
                              max_eval_samples=args.max_eval_samples, min_image_size=args.min_image_size)
+    run.accelerator.print(f"{args.dataset}: splits ready in {time.perf_counter() - start:.1f} s")
     if isinstance(splits.train, ShardedStream) and not streams:
         raise UserError(f"--dataset_path {args.dataset_path} holds webdataset shards, which only train_supervised.py "
                         "streams; give this script a map-style copy (an ILSVRC folder or the Hub's parquet layout)")

@@ -29,6 +29,7 @@ def test_supervised_two_processes_gather_every_sample_once_and_match_one_process
                      wandb=True, processes=2)
     run_script("train_supervised.py", *TWO_PROCESSES, "--output_dir", tmp_path / "one", tmp_path=tmp_path, wandb=True)
     assert "2 process(es)" in two.stdout and two.stdout.count("and metrics.json") == 1
+    assert two.stdout.count("digits: splits ready in") == 1  # the stage lines: from the main process only
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["val"]["n"] == 179 and metrics["test"]["n"] == 179
     runs = run_dirs(tmp_path / "wandb")

@@ -3,6 +3,7 @@ backbone saved the way train_ssl.py saves its runs (kind "ssl", no heads)."""
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -60,6 +61,14 @@ def test_evaluates_supervised_and_ssl_checkpoints_end_to_end(checkpoints, first_
     out, result, results = first_run
     assert "2 process(es)" in result.stdout
     assert result.stdout.count("extracted") == 6  # train, val and test of each checkpoint
+    # one line per long stage, with its time, from the main process only (of the 2)
+    for label in ("MRL", "SSL"):
+        for split in ("train", "val", "test"):
+            line = rf"^{label}: {split} features: extracted \d+ x 512 in [\d.]+ s \(\d+ images/s\)"
+            assert len(re.findall(line, result.stdout, re.M)) == 1, (label, split)
+        for stage in ("linear probe", "kNN and retrieval", r"PCA baseline \(fit, probe, kNN, retrieval\)",
+                      "adaptive retrieval"):
+            assert len(re.findall(rf"^{label}: {stage} at 3 dims: [\d.]+ s$", result.stdout, re.M)) == 1, stage
     assert results["dataset"]["dataset"] == "digits" and results["eval_split"] == "test"
     mrl, ssl = results["runs"]
     assert (mrl["label"], mrl["kind"], ssl["label"], ssl["kind"]) == ("MRL", "supervised", "SSL", "ssl")
