@@ -43,10 +43,10 @@ if [ "${1:-}" = prepare ]; then
   set -e
   platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
   # datasets and the pure-Python needs the image lacks or may hold in another version (its pins: dill < 0.4.2,
-  # multiprocess < 0.70.20, fsspec <= 2026.9.0); accelerate as in requirements.txt. The image has pyarrow, pandas,
+  # multiprocess < 0.70.20, fsspec <= 2026.9.0); accelerate and timm as in requirements.txt. The image has pyarrow, pandas,
   # huggingface-hub 1.33, xxhash, requests, filelock, pyyaml, safetensors, tqdm, matplotlib and scikit-learn.
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
-    -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 accelerate==1.15.0
+    -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 accelerate==1.15.0 timm==1.0.31
   # TorchCodec for the image's torch 2.11 (its table: torchcodec 0.x pairs with torch 2.x); PyPI's build, whose FFmpeg
   # and CUDA needs are untested on the image: where it does not load, mrl.decode falls back to PIL and says so
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
