@@ -169,7 +169,7 @@ def test_convnext_with_a_projection_and_layer_decay_trains_and_evaluates_before_
     assert config["model"]["embed_dim"] == 32 and config["model"]["projection"] == 32
     assert config["heads"]["dims"] == [8, 16, 32]
     run_script("evaluate.py", "--checkpoint", out, "--before_finetuning", "--dims", "8,32", "--num_workers", 0,
-               "--probe_max_iter", 20, "--max_eval_samples", 100, tmp_path=tmp_path)
+               "--probe_max_iter", 20, "--max_train_samples", 320, "--max_eval_samples", 100, tmp_path=tmp_path)
     results = json.loads((out / "eval" / "results.json").read_text())
     runs = {run["label"]: run for run in results["runs"]}
     assert set(runs) == {"out", "out (before fine-tuning)"}
@@ -196,7 +196,8 @@ def test_torchvision_resnet_loads_its_cached_imagenet_weights_and_frozen_batchno
     torch.save(reference.state_dict(), cache / weights.url.rsplit("/", 1)[1])
     out = tmp_path / "out"
     run_script("train_supervised.py", *DIGITS, "--model", "resnet18", "--pretrained", "--image_size", 32,
-               "--epochs", 1, "--freeze_backbone_epochs", 1, "--output_dir", out, tmp_path=tmp_path,
+               "--epochs", 1, "--freeze_backbone_epochs", 1, "--max_train_samples", 64, "--max_eval_samples", 32,
+               "--output_dir", out, tmp_path=tmp_path,
                env={"TORCH_HOME": str(tmp_path / "torch")})
     state = load_file(out / "model.safetensors")
     for key, value in reference.state_dict().items():
@@ -212,6 +213,7 @@ def test_ssl_continues_from_a_pretrained_timm_backbone(sources, tmp_path):
     out = tmp_path / "out"
     run_script("train_ssl.py", "--dataset", "digits", "--model", sources["vit"], "--pretrained", "--epochs", 1,
                "--batch_size", 64, "--max_train_samples", 256, "--num_workers", 0, "--knn_every", 0,
+               "--knn_bank_samples", 256, "--max_eval_samples", 64,
                "--proj_hidden_dim", 32, "--proj_out_dim", 16, "--output_dir", out, tmp_path=tmp_path)
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["timm"]["model_args"]["embed_dim"] == 64 and config["data"]["mean"] == [0.5] * 3
