@@ -8,8 +8,8 @@ mrl/methods.py (ReLIC, SimCLR, BYOL, VICReg, Barlow Twins; listed under --method
 
 The defaults reproduce mrl-pytorch's CIFAR-10 run (ReLIC, ResNet-18, batch 256, Adam lr 3e-4 wd 1e-5, 100 epochs,
 projector to 64, dims 8..512, EMA gamma 0.995 raised to 1 on a cosine schedule, no LR schedule), with its bugs fixed
-(see the README: the loss is nested on the backbone output that evaluation truncates, BatchNorm trains in train mode,
-resume is exact). mrl-pytorch's flag names are accepted too (--dataset_name, --num_epochs, --gamma, ...).
+(see docs/differences.md: the loss is nested on the backbone output that evaluation truncates, BatchNorm trains in
+train mode, resume is exact). mrl-pytorch's flag names are accepted too (--dataset_name, --num_epochs, --gamma, ...).
 
 examples:
   python train_ssl.py --method relic                      # mrl-pytorch's CIFAR-10 ResNet-18 run
@@ -132,7 +132,7 @@ def get_args_parser():
     return parser
 
 
-# mrl-pytorch's flag names -> ours (README table). Same-named flags (--batch_size, --dataset_path, --proj_out_dim,
+# mrl-pytorch's flag names -> ours (docs/train_ssl.md's table). Same-named flags (--batch_size, --dataset_path, --proj_out_dim,
 # --proj_hidden_dim, --alpha, --fp16_precision) need no alias.
 SEED_ALIASES = [
     (("--dataset_name",), "dataset", str), (("-m", "--encoder_model_name"), "model", str),

@@ -19,7 +19,7 @@ other processes' embeddings with mrl.distributed.gather (differentiable) -- the 
 share.
 
 Adding a method: write its loss in mrl/losses.py and register a Method below; its tests are the parametrized ones
-(tests/test_methods.py), and README.md's method table is checked against `markdown_table()`.
+(tests/test_methods.py), and docs/train_ssl.md's method table is checked against `markdown_table()`.
 """
 
 import argparse
@@ -45,7 +45,7 @@ class Flag:
 class Method:
     name: str
     loss: Callable
-    summary: str  # one line: what the loss does (--help, the README table)
+    summary: str  # one line: what the loss does (--help, the method table of docs/train_ssl.md)
     paper: str
     ema_target: bool = False  # an EMA copy of the online encoder provides the other view's embedding
     predictor: bool = False  # an MLP on the online projection (BYOL's q), --proj_hidden_dim wide
@@ -218,7 +218,7 @@ def projector_batchnorm(method, choice="auto"):
 
 
 def markdown_table():
-    """The README's method table, from the records."""
+    """docs/train_ssl.md's method table, from the records."""
     rows = ["| `--method` | loss | EMA target | predictor | projector (default) | paper |",
             "|---|---|---|---|---|---|"]
     for m in METHODS.values():

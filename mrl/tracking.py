@@ -4,7 +4,7 @@ evaluation.
 Everything is logged at an explicit, monotonic step -- the optimizer step -- so train and validation series share
 one x-axis and W&B never drops a row logged at an older step. Without `--report_to wandb` these are no-ops.
 
-What a run page holds (the README's W&B section lists it for the user):
+What a run page holds (docs/wandb.md lists it for the user):
   history   train/* (loss: the weighted sum over dims that is minimized, loss_mean_over_dims, loss_d{d}, lr,
             grad_norm), perf/* (throughput, data-wait), val/* or knn/* per dim, epoch
   summary   the last value of every series, plus the best (max) of each per-dim accuracy and the final test numbers

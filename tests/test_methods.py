@@ -185,7 +185,7 @@ def test_each_method_gets_its_own_defaults_and_another_methods_flag_is_refused(c
 
 
 def test_the_readme_method_table_is_the_registrys():
-    readme = (train_ssl.__file__.rsplit("/", 1)[0] + "/README.md")
+    readme = (train_ssl.__file__.rsplit("/", 1)[0] + "/docs/train_ssl.md")  # the README's page on train_ssl.py
     with open(readme) as f:
         assert methods.markdown_table() in f.read()
 
