@@ -132,8 +132,8 @@ def get_args_parser():
     return parser
 
 
-# mrl-pytorch's flag names -> ours (docs/train_ssl.md's table). Same-named flags (--batch_size, --dataset_path, --proj_out_dim,
-# --proj_hidden_dim, --alpha, --fp16_precision) need no alias.
+# mrl-pytorch's flag names -> ours (docs/train_ssl.md's table). Same-named flags (--batch_size, --dataset_path,
+# --proj_out_dim, --proj_hidden_dim, --alpha, --fp16_precision) need no alias.
 SEED_ALIASES = [
     (("--dataset_name",), "dataset", str), (("-m", "--encoder_model_name"), "model", str),
     (("-save_model_dir", "--save_model_dir"), "output_dir", str), (("--num_epochs",), "epochs", int),
