@@ -101,7 +101,7 @@ def full_tables(supervised, ssl, stamp, minutes):
         "What it shows: every method against the untrained network at the same budget -- the smallest margin of its "
         "probe over the untrained one, over all d: " + ", ".join(f"{m} {100 * v:+.1f}" for m, v in margins.items())
         + f" points; {best} is best at d = {full}. What it cannot show: how the methods rank when pre-trained for "
-        "hundreds of epochs (two epochs of 3,000 images is the very start of pre-training).")
+        "hundreds of epochs (two epochs of 3,000 images is the very start of pre-training)" + ema_caveat(ssl) + ".")
     pca_says = ("What it shows: whether a prefix is as good as the best d-dim linear projection of the same "
                 "embedding. What it cannot show: PCA needs the full embedding computed first, a prefix does not.")
     return (f"Measured at {stamp} by `bash benchmarks/cpu_results.sh` ({minutes:.0f} minutes on the 2-core CPU "
@@ -113,6 +113,22 @@ def full_tables(supervised, ssl, stamp, minutes):
             "is the same ResNet-18 with `--lr 0`: initial weights, BatchNorm statistics of the training images), "
             f"linear probe / kNN top-1 of the prefix:\n\n{ssl_table}\n\n{ssl_says}\n\n"
             f"The same embeddings reduced to d by PCA instead of cut to d (probe top-1):\n\n{pca_table}\n\n{pca_says}")
+
+
+def ema_caveat(ssl):
+    """The methods that save their EMA target network, and how far that target has moved from the untrained network
+    after the run's steps (its momentum starts at --ema_momentum and rises towards 1: at most 1 - m ** steps)."""
+    moved = []
+    for run in ssl["runs"]:
+        folder = Path(run["checkpoint"])
+        config = json.loads((folder / "config.json").read_text())
+        if (config.get("ssl") or {}).get("exported") == "target" and config["args"]["lr"] > 0:  # not the untrained
+            steps = json.loads((folder / "metrics.json").read_text())["steps"]
+            moved.append(f"{run['label']} {1 - config['args']['ema_momentum'] ** steps:.0%}")
+    if not moved:
+        return ""
+    return ("; and the methods that save their EMA target network save one that has moved at most this share of the "
+            "way from the untrained network to the trained online one: " + ", ".join(moved))
 
 
 def headline(supervised, ssl, stamp):
@@ -144,9 +160,9 @@ def figure(supervised, ssl, path):
     for label, values, style, marker in curves:
         shown = [d for d in dims if values.get(d) is not None]
         left.plot(shown, [100 * values[d] for d in shown], linestyle=style, marker=marker, label=label)
-    ff = sorted((run["fixed_feature"], heads(run)[run["fixed_feature"]]) for run in supervised["runs"]
-                if run["family"] == "FF")
-    left.plot([k for k, _ in ff], [100 * v for _, v in ff], "s", color="black", label="FF-d (one run per d)")
+    ff = sorted([(run["fixed_feature"], heads(run)[run["fixed_feature"]]) for run in supervised["runs"]
+                 if run["family"] == "FF"] + [(dims[-1], heads(sup["baseline"])[dims[-1]])])  # the baseline is FF-full
+    left.plot([k for k, _ in ff], [100 * v for _, v in ff], "s", color="black", label="FF-d heads (a run per d; the baseline at full d)")
     left.set_title("supervised, CIFAR-10 at 16 px")
     for method in (*SSL_METHODS, "untrained"):
         values = column(self_sup[method], "probe")
