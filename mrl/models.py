@@ -62,7 +62,8 @@ class ResNet(nn.Module):
     replaces every BatchNorm with a GroupNorm of 32 groups (Wu & He, 2018; torchvision initializes both alike).
     `blurpool=True` low-passes the input of every strided conv (apply_blurpool), as the MRL paper's ImageNet recipe
     does; it changes those convs' state-dict keys (`...conv2.weight` -> `...conv2.conv.weight`), so it is recorded
-    in the model (`self.blurpool`) and in config.json.
+    in the model (`self.blurpool`) and in config.json. `pretrained=True` loads torchvision's ImageNet weights (the
+    standard stem and BatchNorm only); `embed_dim` adds a linear `projection` from the pooled feature (`width`).
     """
 
     def __init__(self, name="resnet18", cifar_stem=False, norm="batch", blurpool=False, pretrained=False,

@@ -145,13 +145,16 @@ def test_sigterm_to_the_process_group_saves_before_the_launched_process_exits_an
             assert steps == sorted(steps)
 
 
-@pytest.mark.parametrize("launcher, processes", FORMS)
-@pytest.mark.parametrize("target, signum", [("launcher", signal.SIGTERM), ("group", signal.SIGUSR1)])
+@pytest.mark.parametrize("launcher, processes, target, signum",
+                         [(launcher, processes, "launcher", signal.SIGTERM) for launcher, processes in FORMS]
+                         + [("supervise torchrun", 2, "group", signal.SIGUSR1)])
 def test_sigterm_to_the_launched_process_alone_and_sigusr1_save_before_it_exits(launcher, processes, target, signum,
                                                                                 tmp_path):
     # SIGTERM to the process alone: `docker stop` without an init, `kill PID`. SIGUSR1: Slurm's early warning
     # (--signal=USR1@120 signals every process of the step). torchrun dies of SIGUSR1, and its training processes
-    # then get SIGTERM from the kernel (they follow their launcher): either may be the one they saw first.
+    # then get SIGTERM from the kernel (they follow their launcher): either may be the one they saw first. SIGUSR1 is
+    # sent under torchrun only, the form Slurm steps use (examples/slurm.sh, tested below); the training process
+    # handles it with the same code as SIGTERM, which every form gets above.
     code, stderr, left = preempt(launcher, target, signum, tmp_path / "out", tmp_path)
     assert code == PREEMPTED_EXIT_CODE, stderr[-3000:]
     seen = check_preempted(tmp_path / "out", stderr, left)["signal"]

@@ -9,7 +9,6 @@ import json
 import shutil
 import socket
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -169,7 +168,7 @@ def test_convnext_with_a_projection_and_layer_decay_trains_and_evaluates_before_
     assert config["model"]["embed_dim"] == 32 and config["model"]["projection"] == 32
     assert config["heads"]["dims"] == [8, 16, 32]
     run_script("evaluate.py", "--checkpoint", out, "--before_finetuning", "--dims", "8,32", "--num_workers", 0,
-               "--probe_max_iter", 20, "--max_train_samples", 320, "--max_eval_samples", 100, tmp_path=tmp_path)
+               "--probe_max_iter", 20, "--max_train_samples", 200, "--max_eval_samples", 100, tmp_path=tmp_path)
     results = json.loads((out / "eval" / "results.json").read_text())
     runs = {run["label"]: run for run in results["runs"]}
     assert set(runs) == {"out", "out (before fine-tuning)"}
@@ -212,8 +211,8 @@ def test_torchvision_resnet_loads_its_cached_imagenet_weights_and_frozen_batchno
 def test_ssl_continues_from_a_pretrained_timm_backbone(sources, tmp_path):
     out = tmp_path / "out"
     run_script("train_ssl.py", "--dataset", "digits", "--model", sources["vit"], "--pretrained", "--epochs", 1,
-               "--batch_size", 64, "--max_train_samples", 256, "--num_workers", 0, "--knn_every", 0,
-               "--knn_bank_samples", 256, "--max_eval_samples", 64,
+               "--batch_size", 64, "--max_train_samples", 128, "--num_workers", 0, "--knn_every", 0,
+               "--knn_bank_samples", 128, "--max_eval_samples", 64,
                "--proj_hidden_dim", 32, "--proj_out_dim", 16, "--output_dir", out, tmp_path=tmp_path)
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["timm"]["model_args"]["embed_dim"] == 64 and config["data"]["mean"] == [0.5] * 3
@@ -287,12 +286,8 @@ def test_bad_sources_are_one_line(tmp_path, monkeypatch):
         resolve_backbone("timm/resnet18", pretrained=True)
 
 
-def test_bad_model_on_the_command_line_is_one_line(tmp_path):
-    result = run_script("train_supervised.py", "--dataset", "digits", "--model", "vit_b", tmp_path=tmp_path,
-                        check=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "unknown --model 'vit_b'" in result.stderr + result.stdout
-    result = run_script("train_supervised.py", "--dataset", "digits", "--model", "cnn4", "--pretrained",
-                        tmp_path=tmp_path, check=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "--pretrained and --embed_dim are for the ResNets and timm models" in result.stderr + result.stdout
+def test_pretrained_where_the_weights_cannot_fit_is_refused():
+    with pytest.raises(UserError, match="--pretrained and --embed_dim are for the ResNets and timm models"):
+        build_backbone("cnn4", 256, pretrained=True)
+    with pytest.raises(UserError, match="goes with none of --cifar_stem on, --norm group, --blurpool"):
+        build_backbone("resnet18", 32, norm="group", pretrained=True)
