@@ -209,11 +209,12 @@ def main(args):
     # ---- report: results.json, results.md and plots in --output_dir, the W&B page, the model cards
     if accelerator.is_main_process:
         images = write_outputs(args, results, embeddings)
+        database, queries = split_thumbnails(splits.train), split_thumbnails(getattr(splits, eval_split))
         for label, (train, evaluation, run_dims) in grids.items() if args.retrieval_grid else []:
             images[f"retrieval_grid/{label}"] = evaluation_grid(
                 os.path.join(args.output_dir, f"retrieval_grid_{safe_name(label)}.png"), *train, *evaluation,
-                default_grid_dims(run_dims), split_thumbnails(splits.train), split_thumbnails(getattr(splits, eval_split)),
-                class_names, device=accelerator.device, title=f"{label}: nearest train images by cosine on each prefix")
+                default_grid_dims(run_dims), database, queries, class_names, device=accelerator.device,
+                title=f"{label}: nearest train images by cosine on each prefix")
             log(f"{label}: retrieval grid in {images[f'retrieval_grid/{label}']}")
         if args.report_to == "wandb":  # the W&B run started with the script; now its tables, charts and plots
             log_results(args, accelerator, results, images)

@@ -86,7 +86,8 @@ def get_args_parser():
     group.add_argument("--solarize_prob", type=float, default=0.5, help="solarize probability")
     group.add_argument("--normalize", default="dataset", choices=("dataset", "none"),
                        help="normalize inputs with the dataset preset's mean/std (a timm or --pretrained backbone's "
-                            "own; saved in config.json, so evaluation matches), or feed [0, 1] pixels as mrl-pytorch did")
+                            "own; saved in config.json, so evaluation matches), or feed [0, 1] pixels as mrl-pytorch "
+                            "did")
 
     group = parser.add_argument_group("optimization (defaults: mrl-pytorch's)")
     group.add_argument("--batch_size", type=int, default=256,
@@ -153,7 +154,8 @@ def add_seed_aliases(parser):
 def main(args):
     check_args(args)
     method = methods.METHODS[args.method]
-    preset, source = resolve_preset(args, f"ssl_{args.method}" + ("_nest-projector" if args.nest == "projector" else ""))
+    variant_name = f"ssl_{args.method}" + ("_nest-projector" if args.nest == "projector" else "")
+    preset, source = resolve_preset(args, variant_name)
     if args.fp16_precision and not torch.cuda.is_available():
         raise UserError("--fp16_precision needs a CUDA GPU; on the CPU train in fp32 (or --mixed_precision bf16)")
     pusher = checkpoint_pusher(args)  # with --hub_push_checkpoints: every checkpoint saved is uploaded

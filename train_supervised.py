@@ -204,7 +204,8 @@ def main(args):
         f"{len(splits.test) if splits.test is not None else 0} test images, {len(splits.class_names)} classes"
         + (f" ({splits.dropped} dropped: under {args.min_image_size or preset.min_image_size} px or unreadable)"
            if splits.dropped else "")
-        + f"\n{args.model}{' (pretrained)' if args.pretrained else ''}: embedding {backbone.embed_dim}, heads at dims {dims}"
+        + f"\n{args.model}{' (pretrained)' if args.pretrained else ''}: embedding {backbone.embed_dim}, "
+        + f"heads at dims {dims}"
         + f"{' (MRL-E, tied)' if args.tied else ''}, {parameters:,} parameters"
         + f"\n{args.epochs} epochs x {steps} optimizer steps, "
         + f"{accelerator.num_processes} process(es), mixed precision: {accelerator.mixed_precision}, "

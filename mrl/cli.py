@@ -78,9 +78,10 @@ def add_model_args(parser):
     group.add_argument("--model", default=None, metavar="{" + ",".join(BACKBONES) + ",timm/NAME,hf-hub:REPO,DIR}",
                        help="backbone (default: the dataset preset's; cnn4 is the blog's 4-conv CNN, which has no "
                             "nonlinearity; cnn4_bn adds BatchNorm + ReLU). Also any timm model: timm/<name> (e.g. "
-                            "timm/convnext_tiny.fb_in22k, timm/vit_small_patch14_dinov2.lvd142m), hf-hub:<user>/<repo>, "
-                            "or a folder holding one in the Hub's layout; its embedding is its pooled feature, its "
-                            "resolution, normalization and eval crop are used unless --image_size says otherwise")
+                            "timm/convnext_tiny.fb_in22k, timm/vit_small_patch14_dinov2.lvd142m), "
+                            "hf-hub:<user>/<repo>, or a folder holding one in the Hub's layout; its embedding is its "
+                            "pooled feature, its resolution, normalization and eval crop are used unless --image_size "
+                            "says otherwise")
     group.add_argument("--pretrained", action="store_true",
                        help="start from the backbone's pretrained weights: the timm model's (from the Hub or its "
                             "folder), or torchvision's ImageNet weights for resnet18/34/50 (DEFAULT, with their "

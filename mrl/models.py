@@ -105,8 +105,8 @@ def build_backbone(name, image_size, cifar_stem=None, norm="batch", blurpool=Fal
     """
     if timm is not None:
         if cifar_stem or norm != "batch" or blurpool:
-            raise UserError(f"--cifar_stem, --norm and --blurpool change torchvision's ResNets; {name} is a timm model, "
-                            "used as it is")
+            raise UserError(f"--cifar_stem, --norm and --blurpool change torchvision's ResNets; {name} is a timm "
+                            "model, used as it is")
         return build_timm(timm, pretrained, embed_dim)
     if name not in BACKBONES:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}, timm/<name>, "

@@ -100,8 +100,9 @@ def timm_spec(name, image_size=None):
     else:
         config = read_timm_config(name)
         architecture, model_args = config["architecture"], dict(config.get("model_args") or {})
+        pretrained_cfg = config.get("pretrained_cfg") or {}
         # a folder by its absolute path: evaluate.py --before_finetuning reloads it from wherever it runs
-        pretrained_cfg, source = config.get("pretrained_cfg") or {}, os.path.abspath(name) if os.path.isdir(name) else name
+        source = os.path.abspath(name) if os.path.isdir(name) else name
     model_args.pop("num_classes", None)  # the classifier goes: the pooled feature is the embedding
     timm = import_timm()
     if not timm.is_model(architecture.split(".")[0]):
@@ -179,9 +180,7 @@ def build_timm(spec, pretrained, embed_dim=None):
             source = spec["architecture"]  # timm/<name>: timm's own pretrained tag, on the Hub as timm/<name>
         from mrl.pretrained import hub_unreachable, one_line
 
-        problem = None if os.path.isdir(name) else hub_unreachable()
-        if problem:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read the cache instead of retrying for half a minute
+        problem = None if os.path.isdir(name) else hub_unreachable()  # said with the error: the cache was the hope
         try:
             net = timm.create_model(source, pretrained=True, **kwargs)
         except Exception as e:  # timm, huggingface_hub and the network raise many types

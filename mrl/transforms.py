@@ -23,7 +23,7 @@ def build_transform(augment, image_size, mean, std, train, preprocessing=None):
     size = (image_size, image_size)
     if preprocessing and not train:
         return T.Compose(pretrained_eval_steps(image_size, preprocessing) + [T.ToTensor(), T.Normalize(mean, std)])
-    if augment == "pretrained":
+    if augment == "pretrained" and train:
         interpolation = T.InterpolationMode((preprocessing or {}).get("interpolation", "bilinear"))
         steps = [T.RandomResizedCrop(size, interpolation=interpolation), T.RandomHorizontalFlip()]
     elif augment == "ssl":  # the self-supervised two-view recipe (mrl.ssl_augment; one view per call), eval: resize
