@@ -41,8 +41,10 @@ def single_head_copy(source, target, dim, **heads):
 
 
 def run_evaluate(*args):
-    """evaluate.py in this process (its imports are already paid for), as a user runs it."""
-    evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in args] + ["--report_to", "none"]))
+    """evaluate.py in this process (its imports are already paid for), as a user runs it (without the retrieval
+    grids: tests/test_retrieval_grid.py and tests/test_evaluate.py check them)."""
+    evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in args]
+                                                        + ["--report_to", "none", "--no-retrieval_grid"]))
 
 
 def tied_copy(source, target):

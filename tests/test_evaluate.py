@@ -170,7 +170,8 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
 
 
 def run_main(*args):
-    evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in args] + ["--report_to", "none"]))
+    evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in args]
+                                                        + ["--report_to", "none", "--no-retrieval_grid"]))
 
 
 def test_incomplete_or_foreign_checkpoints_are_refused(checkpoints, tmp_path):
@@ -201,7 +202,7 @@ def test_a_training_checkpoint_is_evaluated_with_its_runs_config(trained, tmp_pa
     run = trained[0] / "out"
     checkpoint = run / "checkpoints" / "step_00000014"
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--dims", 8, 512, "--no-pca", "--num_workers", 0,
-                        "--feature_cache", "none", tmp_path=tmp_path)
+                        "--feature_cache", "none", "--no-retrieval_grid", tmp_path=tmp_path)
     out = run / "eval_step_00000014"  # beside the checkpoint, which a newer one may replace
     results = json.loads((out / "results.json").read_text())
     assert results["runs"][0]["label"] == "out@step_00000014" and "evaluating dims [8, 512]" in result.stdout
@@ -277,7 +278,8 @@ def test_two_runs_evaluated_together_from_the_command_line(checkpoints, tmp_path
     run_script("train_supervised.py", *DIGITS_FAST, "--epochs", 1, "--max_train_samples", 128, "--batch_size", 64,
                "--seed", 1, "--output_dir", tmp_path / "seed1", tmp_path=tmp_path)
     result = run_script("evaluate.py", "--checkpoint", checkpoints / "sup", tmp_path / "seed1", "--dims", 8, 512,
-                        "--no-pca", "--num_workers", 0, "--output_dir", tmp_path / "cmp", tmp_path=tmp_path)
+                        "--no-pca", "--no-retrieval_grid", "--num_workers", 0, "--output_dir", tmp_path / "cmp",
+                        tmp_path=tmp_path)
     results = json.loads((tmp_path / "cmp" / "results.json").read_text())
     test_a = set(load_splits("digits", seed=0).test["index"])
     expected = len(test_a - trained_indices(1, 128))

@@ -238,7 +238,7 @@ def test_a_digits_epoch_saves_evaluates_and_resumes_exactly(name, tmp_path, caps
     args = evaluate.get_args_parser().parse_args(
         ["--checkpoint", str(resumed), "--dims", "8", "512", "--no-pca", "--max_train_samples", "200",
          "--max_eval_samples", "60", "--num_workers", "0", "--feature_cache", "none", "--report_to", "none",
-         "--output_dir", str(tmp_path / "eval")])
+         "--no-retrieval_grid", "--output_dir", str(tmp_path / "eval")])
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         evaluate.main(args)

@@ -290,7 +290,7 @@ def test_evaluate_writes_its_per_dim_results_into_the_card(run, tmp_path):
     args = evaluate.get_args_parser().parse_args(
         ["--checkpoint", str(copy), "--dims", "8,512", "--no-pca", "--max_train_samples", "300", "--max_eval_samples",
          "90", "--probe_l2", "1e-3", "--probe_max_iter", "30", "--num_workers", "0", "--shortlist", "20",
-         "--report_to", "none", "--update_model_card"])
+         "--report_to", "none", "--update_model_card", "--no-retrieval_grid"])
     evaluate.main(args)
     results = json.loads((copy / "eval" / "results.json").read_text())["runs"][0]["per_dim"]
     card = ModelCard.load(copy / "README.md")

@@ -78,7 +78,7 @@ def test_a_previous_runs_checkpoint_resumes_to_the_weights_its_own_run_saved(pre
 def test_a_previous_run_evaluates(previous_runs, tmp_path):
     run = previous_runs["relic"]
     run_script("evaluate.py", "--checkpoint", run, "--dims", 8, 512, "--no-pca", "--max_train_samples", 200,
-               "--max_eval_samples", 60, "--num_workers", 0, "--feature_cache", "none", "--output_dir",
-               tmp_path / "eval", tmp_path=tmp_path)
+               "--max_eval_samples", 60, "--num_workers", 0, "--feature_cache", "none", "--no-retrieval_grid",
+               "--output_dir", tmp_path / "eval", tmp_path=tmp_path)
     per_dim = json.loads((tmp_path / "eval" / "results.json").read_text())["runs"][0]["per_dim"]
     assert [r["dim"] for r in per_dim] == [8, 512] and all(0 < r["probe"] <= 1 for r in per_dim)

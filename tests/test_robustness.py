@@ -156,7 +156,7 @@ def evaluated(tmp_path_factory):
     out = tmp / "out"
     args = ["--checkpoint", tmp / "run", "--robustness_path", f"imagenet_a={tmp / 'a'}", f"imagenet_v2={tmp / 'v2'}",
             "--dims", 8, "--no-pca", "--probe_l2", "1e-3", "--probe_max_iter", 5, "--shortlist", 20, "--num_workers",
-            0, "--output_dir", out, "--report_to", "none"]
+            0, "--output_dir", out, "--report_to", "none", "--no-retrieval_grid"]
     evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in args]))  # in this process: no second start
     return tmp, (backbone, heads, config), json.loads((out / "results.json").read_text())
 
