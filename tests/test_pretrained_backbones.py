@@ -175,7 +175,9 @@ def test_convnext_with_a_projection_and_layer_decay_trains_and_evaluates_before_
     start = runs["out (before fine-tuning)"]
     assert start["embed_dim"] == 64 and start["kind"] == "pretrained start"
     for row in start["per_dim"]:
-        assert 0.1 < row["probe"] <= 1 and 0.1 < row["pca_probe"] <= 1  # truncation and PCA of the pretrained feature
+        # truncation and PCA of the pretrained feature: above chance (0.1); measured 0.58-0.82 (probe) and 0.79-0.90
+        # (PCA) at d = 8 and 32 with 1 and 2 threads, far above the bound
+        assert 0.1 < row["probe"] <= 1 and 0.1 < row["pca_probe"] <= 1
     assert [row["dim"] for row in runs["out"]["per_dim"]] == [8, 32] and "head" in runs["out"]["per_dim"][0]
     assert [row["dim"] for row in start["per_dim"]] == [8, 32] and "head" not in start["per_dim"][0]
 
