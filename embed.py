@@ -196,8 +196,7 @@ def image_rows(args, config):
               "seed": data.get("seed", 0) if same else 0,
               "val_fraction": data.get("val_fraction", 0.1) if same else 0.1,
               "test_fraction": data.get("test_fraction", 0.1) if same else 0.1}
-    splits = load_splits(origin["name"], origin["path"], seed=origin["seed"], val_fraction=origin["val_fraction"],
-                         test_fraction=origin["test_fraction"])
+    splits = origin_splits(origin)
     names = ("train", "val", "test") if args.split == "all" else (args.split,)
     parts = [(name, getattr(splits, name)) for name in names if getattr(splits, name) is not None]
     if not parts:
@@ -404,6 +403,12 @@ def write_grid(args, manifest, table, queries, encoded, database, results, grid_
     print(f"wrote the results as a picture: {path} (rows d = {', '.join(map(str, grid_dims))}{more})")
 
 
+def origin_splits(origin):
+    """The splits of the dataset an index was built from, as embed.json records it ("dataset")."""
+    return load_splits(origin["name"], origin["path"], seed=origin["seed"], val_fraction=origin["val_fraction"],
+                       test_fraction=origin["test_fraction"])
+
+
 def database_thumbnails(manifest, table):
     """thumbnail(i): embedded image i, from its file or from the dataset split it was embedded from (loaded again
     with the arguments embed.json records); None where it cannot be read -- the grid then shows an empty cell."""
@@ -414,8 +419,7 @@ def database_thumbnails(manifest, table):
     if origin is None:  # embed.json from before it recorded the dataset
         return lambda i: None
     try:
-        splits = load_splits(origin["name"], origin["path"], seed=origin["seed"],
-                             val_fraction=origin["val_fraction"], test_fraction=origin["test_fraction"])
+        splits = origin_splits(origin)
     except UserError as e:  # e.g. a Hub dataset offline: the grid still shows the scores and classes
         print(f"the grid shows no images: {e}")
         return lambda i: None
