@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The MRL paper's per-dim comparison at CPU scale, on CIFAR-100 (100 classes: a regime where d = 8 is too small for
+# the task), and the curves of where MRL's property emerges with training length. docs/results.md and the README's
+# headline are written from its output by benchmarks/results_report.py.
+#
+#   data      CIFAR-100 (../shared/data/cifar100, the Hub's uoft-cs/cifar100 layout), all 45,000 training images
+#             (5,000 held out for validation), evaluated on the 10,000 test images
+#   model     ResNet-18 with the ImageNet stem at 32 px (--cifar_stem off: 4x fewer FLOPs than the CIFAR stem at
+#             16 px and all of the image, ~390 img/s on 2 cores), 512-d embedding
+#   budget    12 epochs, batch 128, AdamW 2e-3, the blog's ExponentialLR (x0.85 per epoch): the schedule does not
+#             depend on the number of epochs, so the checkpoint after epoch k IS a k-epoch run (the curves)
+#   variants  MRL, MRL-E, the single-head baseline (= FF-512), FF-8/16/32/64/128, one seed
+#
+# Every stage resumes: a training run continues from its newest checkpoint, a finished run or evaluation is skipped,
+# so an interrupted script is relaunched unchanged. Training runs in LANES parallel lanes of one thread each (two
+# single-threaded runs train ~20% more images/s on 2 cores than one run on both). Stage timings go to timings.txt.
+# About 3 hours on 2 CPU cores, alone.
+#   Usage: bash benchmarks/cifar100_results.sh [output folder, default runs/cifar100_results]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/cifar100_results}
+PYTHON=${PYTHON:-python}
+LANES=${LANES:-2}
+EPOCHS=${EPOCHS:-12}
+DATA=${DATA:-../shared/data/cifar100}
+mkdir -p "$OUT"
+[ -f "$OUT/commit.txt" ] || git rev-parse --short HEAD > "$OUT/commit.txt"
+[ -f "$OUT/date.txt" ] || date -u +%Y-%m-%d > "$OUT/date.txt"
+touch "$OUT/timings.txt"
+
+stage() {  # stage NAME COMMAND...: run it unless it finished before, and note how long it took
+  local name=$1 start=$SECONDS
+  shift
+  if grep -q "^$name " "$OUT/timings.txt"; then echo "$name: done before"; return; fi
+  "$@"
+  echo "$name $((SECONDS - start)) s" >> "$OUT/timings.txt"
+  echo "$name $((SECONDS - start)) s"
+}
+
+COMMON=(--dataset cifar100 --dataset_path "$DATA" --seed 0 --report_to none)
+TRAIN=(--cifar_stem off --image_size 32 --epochs "$EPOCHS" --batch_size 128 --grad_accum_steps 1 --lr 2e-3
+       --num_workers 1 --checkpoints_total_limit 1000 --resume_from_checkpoint latest)
+
+train() {  # train VARIANT: one supervised run
+  local flags
+  case $1 in
+    mrl) flags=() ;;
+    mrl-e) flags=(--tied) ;;
+    baseline) flags=(--baseline) ;;
+    ff*) flags=(--fixed_feature "${1#ff}") ;;
+  esac
+  stage "train_$1" env OMP_NUM_THREADS=$(( $(nproc) / LANES > 0 ? $(nproc) / LANES : 1 )) \
+    "$PYTHON" train_supervised.py "${COMMON[@]}" "${TRAIN[@]}" "${flags[@]}" --output_dir "$OUT/$1" \
+    > "$OUT/train_$1.log" 2>&1
+}
+
+# the curves' runs first (MRL against the baseline, and against FF-8/16 trained as long), then the rest
+VARIANTS=(mrl baseline ff8 ff16 mrl-e ff32 ff64 ff128)
+for lane in $(seq 0 $((LANES - 1))); do
+  (for i in "${!VARIANTS[@]}"; do
+     if (( i % LANES == lane )); then train "${VARIANTS[$i]}"; fi
+   done) &
+done
+wait
+
+# the comparison: every variant at the full budget, every protocol, on the 10,000 test images
+EVAL=(--dims 8,16,32,64,128,512 --num_workers 2 --report_to none --no-retrieval_grid)
+stage eval_final "$PYTHON" evaluate.py "${EVAL[@]}" --compare --output_dir "$OUT/eval_final" \
+  --checkpoint "$OUT"/{mrl,mrl-e,baseline,ff8,ff16,ff32,ff64,ff128} \
+  --labels MRL MRL-E baseline FF-8 FF-16 FF-32 FF-64 FF-128
+
+# the curves: MRL's prefix and the baseline (cut to d, and PCA to d) probed after each epoch's checkpoint
+for epoch in 1 2 3 4 6 8 10; do
+  step=$(( epoch * $(ls "$OUT/mrl/checkpoints" | sed 's/step_//' | sort -n | head -1) ))
+  stage "eval_epoch$epoch" "$PYTHON" evaluate.py "${EVAL[@]}" --dims 8,16 --compare \
+    --output_dir "$OUT/eval_epoch$epoch" --labels MRL baseline \
+    --checkpoint "$OUT/mrl/checkpoints/step_$step" "$OUT/baseline/checkpoints/step_$step"
+done
+"$PYTHON" benchmarks/results_report.py --cifar100 "$OUT"
