@@ -250,11 +250,18 @@ def pca(train, *others, fit_samples=PCA_FIT_SAMPLES, seed=0, chunk=1 << 16, devi
     for i in starts:
         centered = sample[i:i + chunk].to(device).double() - mean
         covariance = covariance + centered.T @ centered
-    _, eigenvectors = torch.linalg.eigh(covariance / len(sample))
-    axes = eigenvectors.flip(1)  # descending variance
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance / len(sample))
+    eigenvalues, axes = eigenvalues.flip(0), eigenvectors.flip(1)  # descending variance
+    # Fewer fit rows than dims (a run trained on a few hundred images, a 2,048-d backbone): the axes beyond the
+    # sample's rank span its null space, arbitrary directions in which the train rows are rounding noise. A probe
+    # standardizing that noise to unit variance and reading the evaluation rows' real spread there would be
+    # guessing (chance accuracy), so those components are zero in every set: PCA to d > rank is PCA to the rank.
+    # The rank cut-off is numpy.linalg.matrix_rank's for the covariance (largest eigenvalue x size x eps).
+    empty = eigenvalues <= eigenvalues.max() * len(eigenvalues) * torch.finfo(torch.float64).eps
     # fix each axis's sign (eigh's is arbitrary) so that results do not depend on the LAPACK build
     signs = axes.gather(0, axes.abs().argmax(0, keepdim=True)).sign()
     axes = (axes * torch.where(signs == 0, torch.ones_like(signs), signs)).float()
+    axes[:, empty] = 0
     mean = mean.float()
     projected = []
     for x in (train, *others):

@@ -186,7 +186,7 @@ def fit_logistic(x, y, gram, l2, weights, bias, max_iter=100, tolerance=1e-4):
     """
     n, d = x.shape
     k, _, c = weights.shape
-    chol = torch.linalg.cholesky(gram + (l2[:, None, None] + 1e-6) * torch.eye(d, device=x.device))  # (K, d, d)
+    chol = preconditioner(gram, l2)  # (K, d, d)
     # W = L^-T V and grad_V = L^-1 grad_W as batched matmuls: much faster than triangular solves on the CPU
     inv_t = torch.linalg.solve_triangular(chol.transpose(1, 2), torch.eye(d, device=x.device).expand(k, d, d),
                                           upper=True)
@@ -215,6 +215,27 @@ def fit_logistic(x, y, gram, l2, weights, bias, max_iter=100, tolerance=1e-4):
     params, iterations = lbfgs(loss_and_grad, params, max_iter, tolerance)
     w, b = split(params)
     return w, b, iterations
+
+
+def preconditioner(gram, l2):
+    """The Cholesky factors L_k of gram + (l2_k + 1e-6) I, (K, d, d).
+
+    With fewer train rows than dims (or heavy-tailed standardized features) the float32 Gram matrix is singular up
+    to its rounding error, which can exceed the small L2 strengths of the grid and break the factorization. The
+    factor only preconditions L-BFGS (the objective is unchanged), so it is then computed in float64 with a ridge
+    growing tenfold from 1e-6 x the mean diagonal until the factorization succeeds."""
+    d = gram.shape[0]
+    eye = torch.eye(d, device=gram.device)
+    chol, info = torch.linalg.cholesky_ex(gram + (l2[:, None, None] + 1e-6) * eye)
+    if not info.any():
+        return chol
+    scale = gram.diagonal().double().mean().clamp_min(1e-12)
+    for exponent in range(-6, 3):
+        ridge = l2[:, None, None].double() + scale * 10.0 ** exponent
+        chol, info = torch.linalg.cholesky_ex(gram.double() + ridge * eye.double())
+        if not info.any():
+            return chol.float()
+    raise FloatingPointError("the probe's feature covariance is not finite (NaN or infinite features?)")
 
 
 def lbfgs(loss_and_grad, params, max_iter, tolerance, history=10):

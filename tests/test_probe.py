@@ -158,3 +158,45 @@ def test_pca_baseline_matches_scikit_learn_and_packs_information_first(digits):
     reduced = torch_probe(p_train, y, p_test, y_test, dims=[8], num_classes=10, device="cpu")[0].accuracy
     # 6 held-out splits (benchmarks/outcome_spread.py): PCA 0.89-0.93, ahead of the raw pixels by 0.47-0.50
     assert reduced > 0.8 and reduced > raw + 0.3
+
+
+def test_pca_of_fewer_rows_than_dims_probes_as_well_beyond_the_rank(digits):
+    """A run evaluated with a few hundred train images and a wide embedding: PCA of 120 rows in 64 + 448 dims has
+    at most 119 non-empty axes. Beyond them the train rows hold only rounding noise, which standardizing used to
+    blow up to unit variance while the evaluation rows kept their real spread there: the probe fell to chance at
+    d > rank (measured 0.10 at d = 512 on this data, from 0.89 at d = 64). PCA to d > rank is PCA to the rank."""
+    train, y, test, y_test = digits
+    g = torch.Generator().manual_seed(0)
+    widen = torch.randn(64, 448, generator=g) / 8  # 512-d features: the pixels and random mixtures of them
+    train, test = torch.cat([train, train @ widen], 1)[:120], torch.cat([test, test @ widen], 1)
+    p_train, p_test = pca(train.half(), test.half())  # float16, as evaluate.py's feature cache holds them
+    assert (p_train[:, 120:] == 0).all() and (p_test[:, 120:] == 0).all()
+    results = torch_probe(p_train, y[:120], p_test, y_test, dims=[64, 119, 256, 512], num_classes=10, device="cpu")
+    accuracy = {r.dim: r.accuracy for r in results}
+    assert accuracy[64] > 0.5  # chance is 0.1; measured 0.66 on this seed (120 train images)
+    assert accuracy[512] == accuracy[256] == accuracy[119]  # zero features change nothing
+
+
+def test_fit_logistic_survives_a_gram_matrix_that_rounding_made_indefinite(digits):
+    """The preconditioner's Cholesky factorization of gram + l2 I fails in float32 when rounding leaves the Gram
+    matrix of rank-deficient features with a negative eigenvalue below -l2; the fit then falls back to a float64
+    factor with a ridge. The objective is unchanged: the answer equals the one preconditioned by an exact factor."""
+    train, y, _, _ = digits
+    x = standardize(train)[0][:, :32].contiguous()
+    x[:, 31] = x[:, 30]  # rank deficient
+    gram = x.T @ x / len(x)
+    null = torch.zeros(32)
+    null[30], null[31] = 0.5 ** 0.5, -(0.5 ** 0.5)
+    broken = gram - 1e-3 * torch.outer(null, null)  # what rounding does, exaggerated
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(broken + 1e-3 * torch.eye(32) - 1e-4 * torch.eye(32))
+    start = torch.zeros(1, 32, 10), torch.zeros(1, 10)
+    l2 = torch.tensor([1e-4])
+    w, b, _ = fit_logistic(x, y, broken, l2, *start, max_iter=300, tolerance=1e-10)
+    w_ref, b_ref, _ = fit_logistic(x, y, gram + 1e-3 * torch.eye(32), l2, *start, max_iter=300, tolerance=1e-10)
+
+    def objective(w, b):
+        return torch.nn.functional.cross_entropy(x @ w[0] + b[0], y) + 0.5 * l2[0] * (w[0] ** 2).sum()
+
+    # measured: equal to 1e-6 (both converged to 1e-10 steps); a failed factorization raised before the fallback
+    assert abs(objective(w, b) - objective(w_ref, b_ref)) < 1e-4
