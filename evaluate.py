@@ -37,7 +37,7 @@ from mrl.data import load_splits, split_record, trained_rows
 from mrl.distributed import make_accelerator
 from mrl.eval_report import (comparison, log_results, results_markdown, run_family, safe_name, wants_comparison,
                              write_outputs)
-from mrl.features import PCA_FIT_SAMPLES, features_cache_key, file_digest, load_or_extract, pca
+from mrl.features import PCA_FIT_SAMPLES, features_cache_key, file_digest, load_or_extract, pca, state_digest
 from mrl.model_card import update_card_with_evaluation
 from mrl.models import build_backbone, default_dims
 from mrl.pretrained import eval_transform as run_eval_transform
@@ -287,8 +287,11 @@ def add_starting_points(args, models, device, log):
         log(f"{label}: loading its pretrained start, {model_cfg['backbone']}")
         start = build_backbone(model_cfg["backbone"], config["data"]["image_size"], model_cfg.get("cifar_stem"),
                                pretrained=True, timm=model_cfg.get("timm"))
+        # its feature cache is keyed by the weights themselves: new weights saved into the source folder (or a
+        # newer revision in the Hub's cache) are new features
         start_config = {**config, "kind": STARTING_POINT, "heads": None, "ssl": None,
-                        "model": {**model_cfg, "embed_dim": start.embed_dim, "projection": None}}
+                        "model": {**model_cfg, "embed_dim": start.embed_dim, "projection": None},
+                        "weights_digest": state_digest(start)}
         checkpoints.append(path)
         labels.append(f"{label} (before fine-tuning)")
         loaded.append((start.to(device).eval(), None, start_config))
@@ -299,11 +302,10 @@ def add_starting_points(args, models, device, log):
 
 
 def weights_digest(path, config):
-    """What identifies a model's weights in its feature cache key: its file's digest, or for a pretrained start the
-    source it is loaded from."""
+    """What identifies a model's weights in its feature cache key: its file's digest, or for a pretrained start
+    (which has no file) the digest of the weights it was built with."""
     if config.get("kind") == STARTING_POINT:
-        model_cfg = config["model"]
-        return "pretrained:" + json.dumps([model_cfg["backbone"], model_cfg.get("timm")], sort_keys=True)
+        return "pretrained:" + config["weights_digest"]
     return file_digest(os.path.join(path, MODEL_FILE))
 
 

@@ -45,6 +45,17 @@ def file_digest(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
+def state_digest(module):
+    """sha256 of a module's weights and buffers (names, dtypes, shapes and bytes): the identity of a model that has
+    no file of its own (a pretrained start, built from its source at evaluation time)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def features_cache_key(weights_digest, split, dataset, preprocessing):
     """A short hex key for (weights, split, dataset rows, preprocessing)."""
     spec = {"weights": weights_digest, "split": split, "fingerprint": getattr(dataset, "_fingerprint", None),

@@ -172,15 +172,20 @@ def build_timm(spec, pretrained, embed_dim=None):
     if not pretrained:
         net = timm.create_model(spec["architecture"], pretrained=False, **kwargs)
     else:
-        if os.path.isdir(name):
-            source = "local-dir:" + os.path.abspath(name)
+        # by the kind of source the spec recorded: a folder that is gone is not a reason to take timm's weights
+        if name.startswith(TIMM_PREFIX):
+            source = spec["architecture"]  # timm/<name>: timm's own pretrained tag, on the Hub as timm/<name>
         elif name.startswith(HUB_PREFIX):
             source = name
+        elif os.path.isdir(name):
+            source = "local-dir:" + os.path.abspath(name)
         else:
-            source = spec["architecture"]  # timm/<name>: timm's own pretrained tag, on the Hub as timm/<name>
+            raise UserError(f"the pretrained weights came from the folder {name}, which is not there (moved, or the "
+                            f"run was copied from another machine): put a copy of it there, or a link to one (ln -s "
+                            f"COPY {name})")
         from mrl.pretrained import hub_unreachable, one_line
 
-        problem = None if os.path.isdir(name) else hub_unreachable()  # said with the error: the cache was the hope
+        problem = None if source.startswith("local-dir:") else hub_unreachable()  # said with the error
         try:
             net = timm.create_model(source, pretrained=True, **kwargs)
         except Exception as e:  # timm, huggingface_hub and the network raise many types

@@ -160,16 +160,40 @@ def test_two_processes_train_what_one_does(vit_run, sources):
 
 def test_convnext_with_a_projection_and_layer_decay_trains_and_evaluates_before_and_after(sources, tmp_path):
     """A ConvNeXt with --embed_dim 32 on top and layer-wise decay trains a digits epoch; evaluate.py puts the
-    pretrained start (its 64-dim pooled feature cut to d, and PCA to d) next to the fine-tuned run."""
-    out = tmp_path / "out"
-    run_script("train_supervised.py", *DIGITS, "--model", sources["convnext"], "--pretrained", "--epochs", 1,
+    pretrained start (its 64-dim pooled feature cut to d, and PCA to d) next to the fine-tuned run. The start's
+    features are cached by its weights: new weights saved into its folder are evaluated anew; and a folder that is
+    gone is one line naming it, never timm's published weights of the same architecture in its place."""
+    out, source = tmp_path / "out", shutil.copytree(sources["convnext"], tmp_path / "convnext")
+    run_script("train_supervised.py", *DIGITS, "--model", source, "--pretrained", "--epochs", 1,
                "--image_size", 32, "--embed_dim", 32, "--layer_decay", 0.7, "--output_dir", out, tmp_path=tmp_path)
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["embed_dim"] == 32 and config["model"]["projection"] == 32
     assert config["heads"]["dims"] == [8, 16, 32]
-    run_script("evaluate.py", "--checkpoint", out, "--before_finetuning", "--dims", "8,32", "--num_workers", 0,
-               "--probe_max_iter", 20, "--max_train_samples", 200, "--max_eval_samples", 100, tmp_path=tmp_path)
+    evaluate = ("evaluate.py", "--checkpoint", out, "--before_finetuning", "--dims", "8,32", "--num_workers", 0,
+                "--probe_max_iter", 20, "--max_train_samples", 200, "--max_eval_samples", 100, "--no-retrieval_grid")
+    run_script(*evaluate, tmp_path=tmp_path)
     results = json.loads((out / "eval" / "results.json").read_text())
+    check_before_and_after(results)
+
+    convnext = dict(CONVNEXT)
+    save_timm_source(source, convnext.pop("architecture"), 2, **convnext)  # new weights, same folder
+    run_script(*evaluate, "--no-pca", tmp_path=tmp_path)
+    again = {run["label"]: run for run in json.loads((out / "eval" / "results.json").read_text())["runs"]}
+    before = {run["label"]: run for run in results["runs"]}
+    assert again["out"]["per_dim"][0]["probe"] == before["out"]["per_dim"][0]["probe"]  # its cache, unchanged
+    # the start's features were extracted again from the new weights: other features, another probe
+    assert ([row["probe"] for row in again["out (before fine-tuning)"]["per_dim"]]
+            != [row["probe"] for row in before["out (before fine-tuning)"]["per_dim"]])
+
+    shutil.move(source, tmp_path / "elsewhere")
+    failed = run_script(*evaluate, "--no-pca", tmp_path=tmp_path, check=False)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"error: the pretrained weights came from the folder {source}, which is not there (moved, or the run was "
+        f"copied from another machine): put a copy of it there, or a link to one (ln -s COPY {source})")
+
+
+def check_before_and_after(results):
     runs = {run["label"]: run for run in results["runs"]}
     assert set(runs) == {"out", "out (before fine-tuning)"}
     start = runs["out (before fine-tuning)"]
