@@ -24,32 +24,33 @@ import json
 import os
 import time
 
+import datasets
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import datasets
-from mrl import UserError, cli
-from mrl.data import PRESETS, load_splits
-from mrl.decode import open_image
-from mrl.distributed import make_accelerator
-from mrl.features import embedded_batches
-from mrl.plots import Thumb, retrieval_grid
+from mrl import UserError
+from mrl.batches.decode import open_image
+from mrl.batches.transforms import Collate, FillUnreadable, ImageTransform
+from mrl.data.presets import PRESETS
+from mrl.data.sources import load_splits
+from mrl.eval.features import embedded_batches
+from mrl.eval.retrieval import funnel_search, nearest_neighbors, normalized_prefix
+from mrl.eval.retrieval_grid import default_grid_dims, ranked_blocks, split_thumbnails
+from mrl.hub.embedding_store import EMBEDDINGS, INDEX_TYPES, MANIFEST, EmbeddingWriter, FaissShortlist, columns_matrix
+from mrl.matryoshka import evaluation_dims, flat_dims, parse_dims
 from mrl.pretrained import MatryoshkaEncoder, list_images
-from mrl.retrieval import funnel_search, nearest_neighbors, normalized_prefix
-from mrl.retrieval_grid import default_grid_dims, ranked_blocks, split_thumbnails
-from mrl.transforms import Collate, FillUnreadable, ImageTransform
+from mrl.report.plots import Thumb, retrieval_grid
+from mrl.utils import script
+from mrl.utils.distributed import make_accelerator
 
-EMBEDDINGS, MANIFEST, GRID = "embeddings.parquet", "embed.json", "search_grid.png"
-INDEX_TYPES = ("flat", "hnsw")
+GRID = "search_grid.png"
 GRID_MAX_QUERIES = 16  # queries drawn in the grid (the picture grows a block of rows per query)
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("embed.py", description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser("embed.py", description=__doc__, formatter_class=script.HelpFormatter)
     parser.add_argument("--checkpoint", default=None,
                         help="the trained model: a run folder or a Hub model id (user/name). Default when searching: "
                              "the one the index was built with")
@@ -62,7 +63,7 @@ def get_args_parser():
     group.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                        help="with --dataset: which split to embed")
     group = parser.add_argument_group("embeddings and index")
-    group.add_argument("--dims", type=cli.parse_dims, nargs="+", default=None,
+    group.add_argument("--dims", type=parse_dims, nargs="+", default=None,
                        help="prefix sizes to write, e.g. 16,512 (default: the dims the run trained, which end at the "
                             "full embedding)")
     group.add_argument("--index_dim", type=int, default=None,
@@ -89,7 +90,7 @@ def get_args_parser():
                        help=f"where the picture of the results goes (PNG): each query, then its --top_k nearest "
                             f"images at each of --grid_dims, one row per d, the similarity under each (the first "
                             f"{GRID_MAX_QUERIES} queries). Default: {GRID} in --index; 'none': no picture")
-    group.add_argument("--grid_dims", type=cli.parse_dims, nargs="+", default=None,
+    group.add_argument("--grid_dims", type=parse_dims, nargs="+", default=None,
                        help="the prefix sizes drawn, one row each, ranked by cosine on the L2-renormalized prefix "
                             "(default: the smallest dim the model trained, a middle one and the full dim, e.g. "
                             "8,64,512). The full dim's row is the printed results")
@@ -148,7 +149,8 @@ def build(args):
     start = time.perf_counter()
     loader = accelerator.prepare(loader)
     # every process embeds its shard; the main process writes the gathered rows as they come, a chunk at a time
-    writer = (EmbeddingWriter(args, output_dir, metadata, class_names, dims, origin) if accelerator.is_main_process
+    writer = (EmbeddingWriter(output_dir, args.checkpoint, metadata, class_names, dims, args.index_dim, args.index_type,
+                              origin) if accelerator.is_main_process
               else None)
     for features, positions in embedded_batches(accelerator, model.backbone, tqdm(
             loader, desc="embedding", dynamic_ncols=True, disable=not accelerator.is_local_main_process)):
@@ -160,16 +162,15 @@ def build(args):
 
 
 def resolve_dims(args, model):
-    dims = sorted({d for group in args.dims for d in group} if args.dims else set(model.dims) | {model.embed_dim})
-    if args.index_dim is not None:
-        if args.dims and args.index_dim > dims[-1]:
-            raise UserError(f"--index_dim {args.index_dim} is above the largest of --dims ({dims[-1]}), which "
-                            "re-ranks the shortlist")
-        dims = sorted(set(dims) | {args.index_dim})
-    if dims[0] < 1 or dims[-1] > model.embed_dim:
-        raise UserError(f"--dims and --index_dim must lie in 1..{model.embed_dim} (the model's embedding dim), "
-                        f"got {dims}")
-    return dims
+    """The dims to store: --dims, or the model's head dims and its full width; and --index_dim, which must not be
+    above the largest of --dims (the re-ranking dim)."""
+    given = flat_dims(args.dims)
+    if args.index_dim is not None and given and args.index_dim > max(given):
+        raise UserError(f"--index_dim {args.index_dim} is above the largest of --dims ({max(given)}), which "
+                        "re-ranks the shortlist")
+    return evaluation_dims(args.dims, model.embed_dim, default=[*model.dims, model.embed_dim],
+                           also=[args.index_dim] if args.index_dim is not None else [], name="--dims and --index_dim",
+                           whose="the model's embedding dim")
 
 
 def default_output_dir(checkpoint):
@@ -210,113 +211,6 @@ def image_rows(args, config):
     return rows, metadata, splits.class_names, f"{args.dataset} ({', '.join(name for name, _ in parts)})", origin
 
 
-class EmbeddingWriter:
-    """Writes embeddings.parquet (metadata columns + one L2-normalized prefix column per dim), the faiss index and
-    embed.json from gathered batches, CHUNK_ROWS rows at a time: a collection of any size is written with a
-    chunk's worth of memory (a Parquet row group each, added to the index as it is written)."""
-
-    CHUNK_ROWS = 8192
-
-    def __init__(self, args, output_dir, metadata, class_names, dims, origin=None):
-        self.args, self.output_dir, self.metadata, self.class_names = args, output_dir, metadata, class_names
-        self.origin = origin
-        self.dims = dims
-        self.total = len(metadata[next(iter(metadata))])
-        self.written = np.zeros(self.total, dtype=bool)
-        self.pending, self.pending_rows, self.parquet, self.index = [], 0, None, None
-        os.makedirs(output_dir, exist_ok=True)
-        if args.index_dim is not None:
-            self.index = new_index(args.index_dim, args.index_type)
-
-    def add(self, features, positions):
-        self.pending.append((features, positions))
-        self.pending_rows += len(positions)
-        if self.pending_rows >= self.CHUNK_ROWS:
-            self.flush()
-
-    def flush(self):
-        if not self.pending_rows:
-            return
-        features = torch.cat([f for f, _ in self.pending])
-        kept = torch.cat([p for _, p in self.pending]).tolist()
-        self.pending, self.pending_rows = [], 0
-        self.written[kept] = True
-        columns = {name: pa.array([values[i] for i in kept]) for name, values in self.metadata.items()}
-        for d in self.dims:
-            prefix = F.normalize(features[:, :d].float(), dim=1).numpy()
-            columns[f"embedding_{d}"] = pa.FixedSizeListArray.from_arrays(pa.array(prefix.reshape(-1)), d)
-            if self.index is not None and d == self.args.index_dim:
-                self.index.add(prefix)
-        table = pa.table(columns)
-        if self.parquet is None:
-            schema = datasets.Features.from_arrow_schema(table.schema)
-            if self.class_names is not None:  # the label column keeps its class names in the file's features
-                schema["label"] = datasets.ClassLabel(names=list(self.class_names))
-            self.schema = schema.arrow_schema
-            self.parquet = pq.ParquetWriter(os.path.join(self.output_dir, EMBEDDINGS), self.schema)
-        self.parquet.write_table(table.cast(self.schema))
-
-    def close(self, source, seconds, log):
-        self.flush()
-        if self.parquet is None:
-            raise UserError(f"none of the {self.total} images could be read (corrupt or empty files?)")
-        self.parquet.close()
-        args, kept = self.args, int(self.written.sum())
-        unreadable = np.flatnonzero(~self.written).tolist()
-        skipped = len(unreadable)
-        columns = [*self.metadata, *(f"embedding_{d}" for d in self.dims)]
-        checkpoint = os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
-        manifest = {"checkpoint": checkpoint,
-                    "source": source, "count": kept, "skipped_unreadable": skipped, "dims": self.dims,
-                    "columns": columns, "normalized": True, "index": None, "dataset": self.origin}
-        if self.index is not None:
-            name = f"index_d{args.index_dim}_{args.index_type}.faiss"
-            import faiss
-
-            faiss.write_index(self.index, os.path.join(self.output_dir, name))
-            manifest["index"] = {"file": name, "dim": args.index_dim, "type": args.index_type,
-                                 "rerank_dim": self.dims[-1]}
-        with open(os.path.join(self.output_dir, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-        metadata = self.metadata
-        name = (lambda i: metadata["path"][i]) if "path" in metadata else (  # noqa: E731
-            lambda i: f"{metadata['split'][i]}[{metadata['row'][i]}]")
-        named = ", ".join(name(i) for i in unreadable[:3]) + (", ..." if skipped > 3 else "")
-        log(f"embedded {kept} images in {seconds:.1f} s"
-            + (f" ({skipped} unreadable, skipped: {named})" if skipped else "")
-            + f"; wrote {os.path.join(self.output_dir, EMBEDDINGS)} (columns {', '.join(columns)})"
-            + (f" and a {args.index_type} index over dim {args.index_dim}" if args.index_dim else ""))
-
-
-def columns_matrix(table, d):
-    """The `embedding_<d>` column of a dataset or Arrow table as a float32 tensor (n, d)."""
-    column = (table.data.table if isinstance(table, datasets.Dataset) else table).column(f"embedding_{d}")
-    return torch.from_numpy(column.combine_chunks().flatten().to_numpy().reshape(-1, d).copy())
-
-
-def new_index(dim, kind):
-    """An empty faiss inner-product index over `dim`-dim vectors: exact (flat) or an HNSW graph."""
-    import faiss
-
-    return faiss.IndexFlatIP(dim) if kind == "flat" else faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-
-
-class FaissShortlist:
-    """A saved faiss index in the interface mrl.retrieval.funnel_search takes: search(queries, k) -> top-k ids."""
-
-    def __init__(self, path):
-        import faiss
-
-        self.index = faiss.read_index(path)
-
-    def search(self, queries, k):
-        if hasattr(self.index, "hnsw"):
-            self.index.hnsw.efSearch = max(128, k)  # the candidate list must hold at least k
-        _, ids = self.index.search(queries.float().cpu().numpy(), k)
-        ids = torch.from_numpy(ids)
-        return torch.where(ids < 0, ids[:, :1], ids)  # -1: a slot HNSW could not fill; repeat the best hit
-
-
 # ---- searching
 
 def search(args):
@@ -341,7 +235,7 @@ def search(args):
     # one forward pass for every prefix the search and the grid use
     encoded = model.encode(queries, dim=sorted({full_dim, *grid_dims, *([index["dim"]] if index else [])}),
                            batch_size=args.batch_size)
-    if index:  # shortlist by the small prefix's index, re-rank at the full dim (mrl.retrieval's funnel)
+    if index:  # shortlist by the small prefix's index, re-rank at the full dim (mrl.eval.retrieval's funnel)
         shortlist = min(args.shortlist, len(database))
         ids = funnel_search(encoded[index["dim"]], columns_matrix(table, index["dim"]), encoded[full_dim], database,
                             shortlist, k, index=FaissShortlist(os.path.join(args.index, index["file"])))
@@ -373,7 +267,7 @@ def check_grid_dims(args, full_dim):
 
 def write_grid(args, manifest, table, queries, encoded, database, results, grid_dims, k, how):
     """The results as a picture: each query, then its k nearest images at each d of grid_dims (one row each, by
-    cosine on the L2-renormalized prefix: mrl.retrieval's nearest_neighbors, as the search ranks). The full dim's
+    cosine on the L2-renormalized prefix: mrl.eval.retrieval's nearest_neighbors, as the search ranks). The full dim's
     row is the printed results, funnel included."""
     shown = queries[:GRID_MAX_QUERIES]
     full_dim = database.shape[1]
@@ -454,4 +348,4 @@ def item_names(table):
 
 
 if __name__ == "__main__":
-    cli.run(main, get_args_parser().parse_args())
+    script.run(main, get_args_parser().parse_args())

@@ -2,7 +2,7 @@
 """How good is each prefix z[:, :d] of a trained embedding? Accuracy against dimension, for one or more runs.
 
 For every checkpoint (a folder written by train_supervised.py or train_ssl.py) and every d in --dims:
-  probe top-1    offline linear probe on frozen, standardized features (mrl/probe.py; --probe sklearn: the seed's)
+  probe top-1    offline linear probe on frozen, standardized features (mrl/eval/probe.py; --probe sklearn: the seed's)
   kNN top-1      weighted kNN, cosine on the L2-renormalized prefix, train split as the bank (DINO's eval_knn)
   mAP@k, P@k     retrieval: evaluation images as queries against the train split, relevant = same label
   PCA ...        the same probe / kNN on PCA of the full train embedding reduced to d (the seed's comparison)
@@ -15,7 +15,7 @@ embedding its shard, and streamed into <checkpoint>/features (float16, read back
 evaluation starts from the cache. The splits are those the run trained with (its config's dataset, seed and
 fractions), unless flags say otherwise.
 Results go to --output_dir: results.json, results.md, PNG plots, and with --report_to wandb a W&B run
-(mrl/eval_report.py).
+(mrl/eval/results.py).
 
 examples:
   python evaluate.py --checkpoint runs/supervised_mrl_digits_resnet18
@@ -25,35 +25,39 @@ examples:
 """
 
 import argparse
-import json
 import os
 import time
 
-import torch
-
 from mrl import UserError, cli
-from mrl.checkpoint import MODEL_FILE, TrainState, checkpoint_run_dir, is_checkpoint, load_model, read_config
-from mrl.data import load_splits, split_record, trained_rows
-from mrl.distributed import make_accelerator
-from mrl.eval_report import (comparison, log_results, results_markdown, run_family, safe_name, wants_comparison,
-                             write_outputs)
-from mrl.features import PCA_FIT_SAMPLES, features_cache_key, file_digest, load_or_extract, pca, state_digest
-from mrl.model_card import update_card_with_evaluation
-from mrl.models import build_backbone, default_dims
-from mrl.pretrained import eval_transform as run_eval_transform
-from mrl.probe import L2_GRID, PROBE_MAX_TRAIN_SAMPLES, cascade, sklearn_probe, torch_probe
-from mrl.retrieval import adaptive_retrieval, neighbor_metrics
-from mrl.retrieval_grid import default_grid_dims, evaluation_grid, split_thumbnails
-from mrl.robustness import SHIFTED_SETS, heads_top1, load_shifted, parse_paths
-from mrl.streams import is_webdataset
-from mrl.tracking import default_run_name, init_tracking
-from mrl.transforms import ImageTransform
-
-STARTING_POINT = "pretrained start"  # the config kind of a fine-tuned run's pretrained backbone (--before_finetuning)
+from mrl.data.shards import is_webdataset
+from mrl.data.sources import load_splits, trained_rows
+from mrl.data.splits import split_record
+from mrl.eval.features import PCA_FIT_SAMPLES
+from mrl.eval.probe import L2_GRID, PROBE_MAX_TRAIN_SAMPLES
+from mrl.eval.protocols import evaluate_run, protocols
+from mrl.eval.results import (
+    comparison,
+    log_results,
+    results_markdown,
+    run_family,
+    safe_name,
+    wants_comparison,
+    write_outputs,
+)
+from mrl.eval.retrieval_grid import default_grid_dims, evaluation_grid, split_thumbnails
+from mrl.eval.robustness import SHIFTED_SETS, heads_top1, load_shifted, parse_paths
+from mrl.eval.runs import STARTING_POINT, add_starting_points, embed_robustness_sets, embed_splits, load_run, run_label
+from mrl.hub.model_card import update_card_with_evaluation
+from mrl.matryoshka import default_dims, evaluation_dims, parse_dims
+from mrl.report.tracking import default_run_name, init_tracking, resolve_report_to
+from mrl.run_folder.layout import checkpoint_run_dir, is_checkpoint
+from mrl.train.checkpoint import TrainState
+from mrl.utils import script
+from mrl.utils.distributed import make_accelerator
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("evaluate.py", description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser("evaluate.py", description=__doc__, formatter_class=script.HelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", required=True,
                         help="trained model folders (config.json + model.safetensors), or training checkpoints of a "
                              "run (<run>/checkpoints/step_N, e.g. of a run still training or stopped); several go in "
@@ -66,7 +70,7 @@ def get_args_parser():
         if action.dest in ("dataset", "dataset_path", "image_size", "val_fraction", "test_fraction", "min_image_size"):
             action.help = action.help.split(" (default")[0] + ". Default: the checkpoint's"
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--dims", type=cli.parse_dims, nargs="+", default=None,
+    group.add_argument("--dims", type=parse_dims, nargs="+", default=None,
                        help="prefix sizes to evaluate, any in 1..embedding dim, also outside the training list "
                             "(default: powers of two from 8 up to the embedding dim, plus the heads' dims)")
     group.add_argument("--probe", default="torch", choices=("torch", "sklearn"),
@@ -245,7 +249,7 @@ def check_args(args):
     if len(set(labels)) < len(labels):
         raise UserError(f"the runs need distinct names, got {labels}: pass --labels")
     args.labels = labels
-    cli.resolve_report_to(args)
+    resolve_report_to(args)
     first = args.checkpoint[0]
     # a training checkpoint's folder is deleted when newer ones replace it: its results go next to it, in the run
     default = (os.path.join(checkpoint_run_dir(first), f"eval_{os.path.basename(os.path.normpath(first))}")
@@ -254,59 +258,6 @@ def check_args(args):
     args.robustness_path = parse_paths(args.robustness_path)
     args.robustness = list(dict.fromkeys([*args.robustness, *args.robustness_path]))  # in order, once each
     args.run_name = args.run_name or default_run_name("eval_" + labels[0])
-
-
-def run_label(path):
-    """A run's name in tables and plots: its folder's, or run@step_N for a training checkpoint."""
-    name = os.path.basename(os.path.normpath(path))
-    return f"{os.path.basename(checkpoint_run_dir(path))}@{name}" if is_checkpoint(path) else name
-
-
-def load_run(path, device):
-    if not os.path.isdir(path):
-        raise UserError(f"--checkpoint {path} does not exist (expected a folder written by a training script)")
-    # a finished run, or one of its checkpoints (checkpoints/step_N) read with the run's config.json
-    read_config(path)  # a clear error for a folder that is not a run, or from another format version
-    backbone, heads, config = load_model(path)  # on the CPU: safetensors cannot load to a device like "cpu:1"
-    return backbone.to(device), heads, config
-
-
-def add_starting_points(args, models, device, log):
-    """After each fine-tuned run in args.checkpoint / args.labels / `models`, its pretrained start: the network as
-    it was loaded before the first step, without the run's --embed_dim projection (its pooled feature), and without
-    heads (evaluated by the probe, kNN and PCA like a self-supervised run)."""
-    checkpoints, labels, loaded = [], [], []
-    for path, label, model in zip(args.checkpoint, args.labels, models):
-        checkpoints.append(path)
-        labels.append(label)
-        loaded.append(model)
-        config = model[2]
-        model_cfg = config["model"]
-        if not model_cfg.get("pretrained"):
-            continue
-        log(f"{label}: loading its pretrained start, {model_cfg['backbone']}")
-        start = build_backbone(model_cfg["backbone"], config["data"]["image_size"], model_cfg.get("cifar_stem"),
-                               pretrained=True, timm=model_cfg.get("timm"))
-        # its feature cache is keyed by the weights themselves: new weights saved into the source folder (or a
-        # newer revision in the Hub's cache) are new features
-        start_config = {**config, "kind": STARTING_POINT, "heads": None, "ssl": None,
-                        "model": {**model_cfg, "embed_dim": start.embed_dim, "projection": None},
-                        "weights_digest": state_digest(start)}
-        checkpoints.append(path)
-        labels.append(f"{label} (before fine-tuning)")
-        loaded.append((start.to(device).eval(), None, start_config))
-    if len(loaded) == len(models):
-        raise UserError("--before_finetuning: none of the runs was fine-tuned from a pretrained backbone "
-                        "(trained with --pretrained)")
-    args.checkpoint, args.labels, models[:] = checkpoints, labels, loaded
-
-
-def weights_digest(path, config):
-    """What identifies a model's weights in its feature cache key: its file's digest, or for a pretrained start
-    (which has no file) the digest of the weights it was built with."""
-    if config.get("kind") == STARTING_POINT:
-        return "pretrained:" + config["weights_digest"]
-    return file_digest(os.path.join(path, MODEL_FILE))
 
 
 def resolve_data(args, records):
@@ -385,14 +336,10 @@ def check_classes(path, heads, config, class_names):
 
 
 def resolve_dims(args, path, config, heads):
+    """The dims to evaluate a run at: --dims, or the defaults and every head's dim."""
     embed_dim = config["model"]["embed_dim"]
-    if args.dims:
-        dims = sorted({d for group in args.dims for d in group})
-    else:
-        dims = sorted(set(default_dims(embed_dim)) | set(heads.dims if heads is not None else []))
-    if not dims or dims[0] < 1 or dims[-1] > embed_dim:
-        raise UserError(f"--dims must lie in 1..{embed_dim}, the embedding dim of {path}; got {dims}")
-    return dims
+    default = default_dims(embed_dim) + (heads.dims if heads is not None else [])
+    return evaluation_dims(args.dims, embed_dim, default, whose=f"the embedding dim of {path}")
 
 
 def load_robustness_sets(args, models, accelerator):
@@ -410,171 +357,5 @@ def load_robustness_sets(args, models, accelerator):
     return sets
 
 
-def eval_transform(args, accelerator, config):
-    """The run's evaluation preprocessing (e.g. Resize 256 -> CenterCrop 224 for ImageNet, a pretrained backbone's
-    own), as MatryoshkaEncoder preprocesses, and its description for the feature cache's key."""
-    transform = run_eval_transform(config, args.image_size)
-    return transform, {"transform": repr(transform), "mixed_precision": accelerator.mixed_precision}
-
-
-def feature_cache_dir(args, path):
-    cache_dir = args.feature_cache or os.path.join(path, "features")
-    return None if cache_dir.lower() == "none" else cache_dir
-
-
-def embed_robustness_sets(args, accelerator, path, label, backbone, config, shifted):
-    """{set name: (features, labels)} of the robustness sets, cached like the splits (<name>-<key>.pt)."""
-    if not shifted:
-        return {}
-    transform, preprocessing = eval_transform(args, accelerator, config)
-    digest = weights_digest(path, config)
-    cache_dir = feature_cache_dir(args, path)
-    features = {}
-    for name, (dataset, _, version) in shifted.items():
-        dataset.set_transform(ImageTransform(transform, decoder=args.decoder))
-        key = features_cache_key(digest, name, dataset, {**preprocessing, "source_version": version})
-        x, y, _ = load_or_extract(accelerator, backbone, dataset,
-                                  os.path.join(cache_dir, f"{name}-{key}.pt") if cache_dir else None,
-                                  args.batch_size, args.num_workers, log=accelerator.print,
-                                  desc=f"{label}: {name} features")
-        features[name] = (x, y)
-    return features
-
-
-def embed_splits(args, accelerator, path, label, backbone, config, splits):
-    """{split: (features, labels)} for train, val and test, each loaded from the cache or extracted."""
-    transform, preprocessing = eval_transform(args, accelerator, config)
-    digest = weights_digest(path, config)
-    cache_dir = feature_cache_dir(args, path)
-    features = {}
-    for name in ("train", "val", "test"):
-        dataset = getattr(splits, name)
-        if dataset is None:
-            continue
-        dataset.set_transform(ImageTransform(transform, decoder=args.decoder))
-        cache_file = (os.path.join(cache_dir, f"{name}-{features_cache_key(digest, name, dataset, preprocessing)}.pt")
-                      if cache_dir else None)
-        x, y, _ = load_or_extract(accelerator, backbone, dataset, cache_file, args.batch_size, args.num_workers,
-                                  log=accelerator.print, desc=f"{label}: {name} features")
-        features[name] = (x, y)
-    return features
-
-
-def evaluate_run(args, features, eval_split, heads, dims, num_classes, device, log):
-    """Every metric of one checkpoint; returns the JSON-ready per-dim rows and adaptive curves."""
-    train_x, train_y = features["train"]
-    eval_x, eval_y = features[eval_split]
-    # The torch probe picks its L2 on the validation split; when that split is the evaluation set, it carves its
-    # own from train instead.
-    val_x, val_y = features["val"] if eval_split == "test" else (None, None)
-    rows = {d: {"dim": d} for d in dims}
-    timings = {}
-
-    def probe(x_train, x_val, x_eval, name):
-        say = lambda line: log(f"{name}: {line}")  # noqa: E731
-        if args.probe == "sklearn":
-            return sklearn_probe(x_train, train_y, x_eval, eval_y, dims, log=say,
-                                 max_train_samples=args.probe_max_train_samples, seed=args.seed)
-        return torch_probe(x_train, train_y, x_eval, eval_y, dims, num_classes, x_val, val_y, l2_grid=args.probe_l2,
-                           max_iter=args.probe_max_iter, seed=args.seed, device=device, log=say,
-                           max_train_samples=args.probe_max_train_samples)
-
-    def neighbors(x_train, x_eval):
-        return neighbor_metrics(x_train, train_y, x_eval, eval_y, dims, num_classes, args.knn_k,
-                                args.knn_temperature, args.retrieval_k, device)
-
-    def timed(name, title, work):  # one line per stage, as it ends
-        start = time.perf_counter()
-        result = work()
-        timings[name] = time.perf_counter() - start
-        log(f"{title} at {len(dims)} dims: {timings[name]:.1f} s")
-        return result
-
-    probes = timed("probe", "linear probe", lambda: probe(train_x, val_x, eval_x, "embedding"))
-    for p in probes:
-        rows[p.dim].update(probe=p.accuracy, probe_l2=p.l2)
-    for r in timed("knn_retrieval", "kNN and retrieval", lambda: neighbors(train_x, eval_x)):
-        rows[r["dim"]].update({k: v for k, v in r.items() if k != "dim"})
-
-    if args.pca:
-        def pca_baseline():
-            pca_train, pca_eval, *pca_val = pca(train_x, eval_x, *([val_x] if val_x is not None else []),
-                                                 fit_samples=args.pca_fit_samples, seed=args.seed, device=device)
-            for p in probe(pca_train, pca_val[0] if pca_val else None, pca_eval, "PCA"):
-                rows[p.dim].update(pca_probe=p.accuracy, pca_probe_top5=topk_accuracy(p.probs, eval_y, 5))
-            for r in neighbors(pca_train, pca_eval):
-                rows[r["dim"]].update({f"pca_{k}": v for k, v in r.items() if k != "dim"})
-
-        timed("pca", "PCA baseline (fit, probe, kNN, retrieval)", pca_baseline)
-
-    adaptive = {"probe": cascade([p.probs for p in probes], dims, eval_y)}
-    if heads is not None:
-        # Each head's own prediction. The heads are linear maps of the embedding, so they run on the cached
-        # features (float32) instead of a second pass of the model.
-        with torch.no_grad():
-            head_logits = heads.to("cpu").float()(eval_x.float())  # (heads, n, classes)
-        head_accuracy = [(logits.argmax(-1) == eval_y).float().mean().item() for logits in head_logits]
-        for d, accuracy in zip(heads.dims, head_accuracy):
-            if d in rows:
-                rows[d]["head"] = accuracy
-        # the cascade runs over all of the model's heads, whichever dims the table shows
-        adaptive["heads"] = cascade([z.softmax(-1) for z in head_logits], heads.dims, eval_y)
-        adaptive["heads_fixed"] = {"dims": heads.dims, "accuracy": head_accuracy}
-        heads_result = {"dims": heads.dims, "top1": head_accuracy,
-                        "top5": [topk_accuracy(logits, eval_y, 5) for logits in head_logits]}
-
-    k = args.retrieval_k[0]
-    funnel = timed("adaptive_retrieval", "adaptive retrieval", lambda: adaptive_retrieval(
-        train_x, train_y, eval_x, eval_y, dims, eval_x.shape[1], args.shortlist, k, device=device, index=args.index))
-    return {"dims": dims, "per_dim": [rows[d] for d in sorted(rows)], "adaptive_classification": adaptive,
-            "adaptive_retrieval": funnel, "seconds": timings,
-            "n": {"train": len(train_x), "val": len(features["val"][0]), "eval": len(eval_x),
-                  "probe_train": probes[0].train_samples,
-                  "pca_fit": min(len(train_x), args.pca_fit_samples or len(train_x))},
-            **({"heads": heads_result} if heads is not None else {})}
-
-
-def topk_accuracy(scores, labels, k):
-    """Fraction of rows whose label is among their k highest scores (all of them when there are fewer classes)."""
-    top = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
-    return (top == labels[:, None]).any(-1).float().mean().item()
-
-
-def protocols(args):
-    """What produced each number (written next to the results, so that no number is read without it)."""
-    k = args.retrieval_k
-    probe = ("offline linear probe on frozen features: multinomial logistic regression (torch, L-BFGS) on "
-             f"standardized features, L2 in {args.probe_l2} picked by validation cross-entropy"
-             if args.probe == "torch" else
-             "offline linear probe, the seed's protocol: StandardScaler + CalibratedClassifierCV("
-             "LogisticRegression(max_iter=100)), fitted on train")
-    if args.probe_max_train_samples:
-        probe += (f"; fitted on a stratified random subset of at most {args.probe_max_train_samples} train images "
-                  "(n.probe_train: how many)")
-    described = {
-        "probe": probe,
-        "knn": f"weighted kNN top-1 (k={args.knn_k}, T={args.knn_temperature}, cosine on the L2-renormalized prefix; "
-               "bank: train split)",
-        "retrieval": f"queries: evaluation split, database: train split, relevant = same label; precision@k and "
-                     f"mAP@k for k in {k} (AP@k divided by min(k, relevant items); map_mrl@k divides by k as the "
-                     "MRL paper's code does); top1 = 1-NN accuracy",
-        "pca": "PCA of the full train embedding reduced to d, then the same probe / kNN / retrieval"
-               + (f"; mean and axes fitted on at most {args.pca_fit_samples} random train images (n.pca_fit)"
-                  if args.pca_fit_samples else ""),
-        "head": "each Matryoshka head's own prediction (no probe; supervised runs only)",
-        "adaptive_classification": "cascade from the smallest dim up, stop when the max softmax probability "
-                                   "reaches the threshold; accuracy vs expected dims (heads, and the probes)",
-        "adaptive_retrieval": f"shortlist {args.shortlist} by the d_s prefix, re-rank by the full embedding; "
-                              f"wall-clock per query ({'faiss HNSW' if args.index == 'hnsw' else 'exact torch'} "
-                              "search on this machine, median of 3 runs over up to 2000 queries) vs full-dim search "
-                              "with the same kind of index",
-    }
-    if args.robustness:
-        described["robustness"] = ("each head's own top-1 on distribution-shifted ImageNet test sets, with the run's "
-                                   "evaluation preprocessing; on ImageNet-A and -R (200 classes) the argmax runs over "
-                                   "those 200 classes' logits only")
-    return {name: text for name, text in described.items() if name != "pca" or args.pca}
-
-
 if __name__ == "__main__":
-    cli.run(main, get_args_parser().parse_args())
+    script.run(main, get_args_parser().parse_args())

@@ -4,7 +4,7 @@
 Every image is augmented twice; a backbone maps each view to an embedding z, and a self-supervised loss pulls the two
 views of an image together -- on every prefix z[:, :d], d in --dims, at once (the Matryoshka loss), so that each
 prefix is a representation on its own: evaluate.py truncates z to d dims and probes it. --method picks the loss from
-mrl/methods.py (ReLIC, SimCLR, BYOL, VICReg, Barlow Twins; listed under --method below), each with its own flags.
+mrl/ssl/methods.py (ReLIC, SimCLR, BYOL, VICReg, Barlow Twins; listed under --method below), each with its own flags.
 
 The defaults reproduce mrl-pytorch's CIFAR-10 run (ReLIC, ResNet-18, batch 256, Adam lr 3e-4 wd 1e-5, 100 epochs,
 projector to 64, dims 8..512, EMA gamma 0.995 raised to 1 on a cosine schedule, no LR schedule), with its bugs fixed
@@ -18,7 +18,7 @@ examples:
   python train_ssl.py --mixed_precision bf16 --gpu_augment
   python train_ssl.py --dataset stl10 --model resnet50    # 100k unlabeled + 5k train images
   python train_ssl.py --dataset digits --image_size 8 --batch_size 64 --epochs 2 --num_workers 0   # a quick CPU run
-  python -m mrl.supervise torchrun --nproc_per_node 8 train_ssl.py --mixed_precision bf16 --sync_bn
+  python -m mrl.train.supervise torchrun --nproc_per_node 8 train_ssl.py --mixed_precision bf16 --sync_bn
 """
 
 import argparse
@@ -29,33 +29,45 @@ import datasets
 import torch
 import torchvision.transforms as T
 
-from mrl import UserError, cli, methods, plots
-from mrl.checkpoint import save_model
-from mrl.device_data import DeviceLoader
-from mrl.distributed import unwrap
-from mrl.features import embed_loader
-from mrl.loop import train_one_epoch
-from mrl.losses import dim_weights
-from mrl.models import build_backbone, check_dims, default_dims
-from mrl.optim import build_optimizer
-from mrl.projectors import NEST
-from mrl.publish import checkpoint_pusher
-from mrl.retrieval import knn_predict, nearest_neighbors, normalized_prefix
-from mrl.run import (check_one_batch, data_loader, end_run, load_data, resolve_preset, start_run, start_tracking,
-                     steps_per_epoch)
-from mrl.run_config import run_config
-from mrl.schedules import constant_schedule, cosine_schedule
-from mrl.ssl_augment import BatchAugment, batch_seed, ssl_augmentation
-from mrl.ssl_model import build_model, build_projector, exported_encoder
-from mrl.tracking import log_history_row, log_image_files, log_per_dim_table
-from mrl.transforms import ImageTransform, attach_transforms, build_transform
+from mrl import UserError, cli
+from mrl.batches.device_data import DeviceLoader
+from mrl.batches.loaders import epoch_loader
+from mrl.batches.ssl_augment import BatchAugment, batch_seed, ssl_augmentation
+from mrl.batches.transforms import ImageTransform, attach_transforms, build_transform
+from mrl.eval.features import embed_loader
+from mrl.eval.retrieval import knn_predict, nearest_neighbors, normalized_prefix
+from mrl.matryoshka import default_dims, dim_weights, flat_dims, training_dims
+from mrl.models.backbones import build_backbone
+from mrl.report import plots
+from mrl.report.tracking import log_history_row, log_image_files, log_per_dim_table
+from mrl.run_folder.config import run_config
+from mrl.run_folder.final_model import save_model
+from mrl.ssl import methods
+from mrl.ssl.model import build_model, build_projector, exported_encoder
+from mrl.ssl.projectors import NEST
+from mrl.train.loop import train_one_epoch
+from mrl.train.optim import build_optimizer
+from mrl.train.publish import checkpoint_pusher
+from mrl.train.run import (
+    check_one_batch,
+    data_loader,
+    end_run,
+    load_data,
+    resolve_preset,
+    start_run,
+    start_tracking,
+    steps_per_epoch,
+)
+from mrl.train.schedules import constant_schedule, cosine_schedule
+from mrl.utils import script
+from mrl.utils.distributed import unwrap
 
 
 def get_args_parser():
-    parser = methods.ArgumentParser("train_ssl.py", description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = methods.ArgumentParser("train_ssl.py", description=__doc__, formatter_class=script.HelpFormatter)
     cli.add_data_args(parser, default_dataset="cifar10")
     cli.add_model_args(parser)
-    group = parser.add_argument_group("self-supervised method (mrl/methods.py: each method's flags are refused with "
+    group = parser.add_argument_group("self-supervised method (mrl/ssl/methods.py: each method's flags are refused with "
                                       "another --method)")
     methods.add_method_args(group)
     group.add_argument("--nest", default="backbone", choices=NEST,
@@ -63,13 +75,11 @@ def get_args_parser():
                             "what evaluation truncates (each prefix goes through the projector on its own); "
                             "'projector' = of the projector's last hidden layer, as mrl-pytorch 0.1.1 did (then --dims "
                             "are prefixes of --proj_hidden_dim and the backbone output itself is not nested)")
-    group.add_argument("--dim_weights", default="uniform",
-                       help="loss weight per dim: 'uniform' (mrl-pytorch and the paper) or comma-separated numbers")
     group.add_argument("--export_encoder", default="auto", choices=("auto", "online", "target"),
                        help="which backbone is saved (and monitored): auto = the EMA target where there is one (as "
                             "mrl-pytorch saves and evaluates it), else the online backbone")
 
-    group = parser.add_argument_group("augmentation (mrl-pytorch's two-view recipe, see mrl/ssl_augment.py)")
+    group = parser.add_argument_group("augmentation (mrl-pytorch's two-view recipe, see mrl/batches/ssl_augment.py)")
     group.add_argument("--gpu_augment", action="store_true",
                        help="augment on the accelerator, batched with per-sample random parameters, instead of per "
                             "image in the DataLoader workers (for when the CPU cannot feed the GPU)")
@@ -90,30 +100,20 @@ def get_args_parser():
                             "did")
 
     group = parser.add_argument_group("optimization (defaults: mrl-pytorch's)")
-    group.add_argument("--batch_size", type=int, default=256,
-                       help="images per forward pass, summed over all processes (split evenly among them)")
-    group.add_argument("--grad_accum_steps", type=int, default=1, help="forward passes per optimizer step")
-    group.add_argument("--optimizer", default="adam", choices=("adam", "adamw"),
-                       help="adam: weight decay as L2 in the gradient (mrl-pytorch); adamw: decoupled")
-    group.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
-    group.add_argument("--backbone_lr_scale", type=float, default=1.0,
-                       help="the backbone's network learns at this times --lr (the projector and predictor at --lr): "
-                            "below 1 keeps a --pretrained start closer to where it began")
-    group.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay")
+    cli.add_optimization_args(group, defaults={
+        "batch_size": 256, "grad_accum_steps": 1, "optimizer": "adam", "lr": 3e-4, "backbone_lr_scale": 1.0,
+        "weight_decay": 1e-5, "lr_schedule": "none", "warmup_epochs": 0.0, "max_grad_norm": 0.0,
+        "memory_format": "channels_last"}, choices={"optimizer": ("adam", "adamw"), "lr_schedule": ("none", "cosine")},
+        notes={"optimizer": "adam: weight decay as L2 in the gradient (mrl-pytorch); adamw: decoupled",
+               "backbone_lr_scale": "What is new: the projector and predictor; below 1 keeps a --pretrained start "
+                                    "closer to where it began",
+               "lr_schedule": "none: constant (mrl-pytorch); cosine: linear warmup, then cosine decay to --min_lr",
+               "warmup_epochs": "Cosine schedule only",
+               "memory_format": "ResNet-18's step 1.3x faster on 2 CPU cores; mrl-pytorch: contiguous"})
     group.add_argument("--no_decay_norm_bias", action="store_true",
                        help="exempt norm weights, biases and learnable scalars (ReLIC's temperature) from weight decay "
                             "(mrl-pytorch decays everything)")
-    group.add_argument("--lr_schedule", default="none", choices=("none", "cosine"),
-                       help="none: constant (mrl-pytorch); cosine: linear warmup, then cosine decay to --min_lr")
-    group.add_argument("--warmup_epochs", type=float, default=0.0, help="cosine schedule: warmup length")
     group.add_argument("--min_lr", type=float, default=0.0, help="cosine schedule: final learning rate")
-    group.add_argument("--max_grad_norm", type=float, default=0.0, help="clip the gradient norm per optimizer step (0: off)")
-    group.add_argument("--sync_bn", action="store_true",
-                       help="multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm)")
-    group.add_argument("--memory_format", default="channels_last", choices=("channels_last", "contiguous"),
-                       help="activation and weight layout: channels_last runs convolutions faster on recent GPUs "
-                            "(bf16/fp16) and on CPUs with oneDNN (ResNet-18 step 1.3x on 2 cores); contiguous is "
-                            "PyTorch's default, as mrl-pytorch")
     group.add_argument("--fp16_precision", action="store_true",
                        help="mrl-pytorch's flag: fp16 mixed precision, the same as --mixed_precision fp16 (bf16 is "
                             "preferred where the GPU has it); overrides --mixed_precision and `accelerate launch`")
@@ -203,17 +203,17 @@ def main(args):
     backbone = build_backbone(args.model, args.image_size, cifar_stem, args.norm, pretrained=args.pretrained,
                               embed_dim=args.embed_dim, timm=source.timm)
     projector = build_projector(args, backbone)
-    dims = cli.flat_dims(args.dims) or default_dims(projector.nested_width)
-    if args.nest == "projector" and max(dims) > projector.nested_width:
-        raise UserError(f"with --nest projector, --dims are prefixes of the projector's hidden layer and must lie in "
-                        f"1..{projector.nested_width} (--proj_hidden_dim), got {sorted(dims)}")
-    dims = check_dims(dims, projector.nested_width)
+    if args.nest == "projector":  # the prefixes of the projector's hidden layer
+        dims = training_dims(args.dims, projector.nested_width, name="--dims (with --nest projector, prefixes of the "
+                             "projector's hidden layer)", whose="--proj_hidden_dim")
+    else:
+        dims = training_dims(args.dims, backbone.embed_dim)
     # kNN on prefixes of the backbone output, which is what evaluation truncates (with --nest projector it is not
     # nested, so this shows what that costs)
     knn_dims = dims if args.nest == "backbone" else default_dims(backbone.embed_dim)
     steps = steps_per_epoch(args, train_loader)
     ema_schedule = cosine_schedule(args.ema_momentum, 1.0, args.epochs, steps) if method.ema_target else None
-    weights = dim_weights(dims, args.dim_weights, given=cli.flat_dims(args.dims))
+    weights = dim_weights(dims, args.dim_weights, given=flat_dims(args.dims))
     model = build_model(args, backbone, projector, dims, weights, ema_schedule,
                         sync_bn=args.sync_bn and accelerator.num_processes > 1)
     # --no_decay_norm_bias exempts the 1-d parameters (norms, biases, ReLIC's temperature); mrl-pytorch decays all
@@ -223,6 +223,7 @@ def main(args):
 
     model, optimizer, train_loader, bank_loader, query_loader = accelerator.prepare(
         model, optimizer, train_loader, bank_loader, query_loader)
+    train_loader = epoch_loader(accelerator, train_loader, train_transform)  # what the loop draws epochs from
     if args.lr_schedule == "cosine":
         lr_schedule = cosine_schedule(args.lr, args.min_lr, args.epochs, steps, args.warmup_epochs)
     else:
@@ -270,7 +271,7 @@ def main(args):
     if args.knn_every and not state.history:
         monitor_knn(args, accelerator, state, 0, *monitored)
     for epoch in run.epochs():
-        train_one_epoch(run, model, optimizer, train_loader, train_transform, lr_schedule, dims,
+        train_one_epoch(run, model, optimizer, train_loader, lr_schedule, dims,
                         unwrapped.loss.weights, forward, after_step=unwrapped.after_optimizer_step,
                         logs=unwrapped.logs)
         if epoch + 1 == args.epochs or (args.knn_every and (epoch + 1) % args.knn_every == 0):
@@ -313,7 +314,7 @@ def check_args(args):
 
 
 def knn_monitor(args, accelerator, backbone, bank_loader, query_loader, dims, num_classes):
-    """Per-dim weighted kNN accuracy (DINO's eval_knn, mrl/retrieval.py as evaluate.py uses it) of the backbone's
+    """Per-dim weighted kNN accuracy (DINO's eval_knn, mrl/eval/retrieval.py as evaluate.py uses it) of the backbone's
     prefixes, each L2-renormalized after slicing: val queries against a labeled train bank. Cheap and label-light,
     as solo-learn and DINO monitor SSL runs; not evaluate.py's linear probe, so label the numbers "online kNN"."""
     was_training = backbone.training
@@ -358,4 +359,4 @@ def write_reports(args, accelerator, dims, knn, state):
 
 
 if __name__ == "__main__":
-    cli.run(main, get_args_parser().parse_args())
+    script.run(main, get_args_parser().parse_args())

@@ -10,7 +10,7 @@ examples:
   python train_supervised.py --baseline
   python train_supervised.py --dataset digits --epochs 8 --batch_size 32 --grad_accum_steps 1 --lr 2e-3
   python train_supervised.py --dataset cifar10 --model resnet18 --tied --mixed_precision bf16
-  python -m mrl.supervise torchrun --nproc_per_node 8 train_supervised.py --dataset cifar10 --model resnet18
+  python -m mrl.train.supervise torchrun --nproc_per_node 8 train_supervised.py --dataset cifar10 --model resnet18
 """
 
 import argparse
@@ -19,27 +19,37 @@ import os
 
 import torch
 
-from mrl import UserError, cli, plots
-from mrl.checkpoint import save_model
-from mrl.losses import dim_weights, per_head_cross_entropy
-from mrl.loop import train_one_epoch
-from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
-from mrl.data import get_preset
-from mrl.device_decode import EncodedCollate, EncodeTransform, decode_batch
-from mrl.distributed import unwrap
-from mrl.publish import checkpoint_pusher
-from mrl.run import data_loader, end_run, load_data, resolve_preset, start_run, start_tracking, steps_per_epoch
-from mrl.run_config import run_config
-from mrl.optim import NO_DECAY, build_optimizer
-from mrl.recipes import fill_recipe
-from mrl.schedules import progressive_resolution, warmup_then
-from mrl.streams import is_webdataset
-from mrl.tracking import log_history_row, log_image_files, log_per_dim_table, log_summary
-from mrl.transforms import attach_transforms, build_transform
+from mrl import UserError, cli
+from mrl.batches.device_decode import EncodedCollate, EncodeTransform, decode_batch
+from mrl.batches.loaders import epoch_loader
+from mrl.batches.transforms import attach_transforms, build_transform
+from mrl.data.presets import get_preset
+from mrl.data.shards import is_webdataset
+from mrl.matryoshka import (
+    MatryoshkaClassifier,
+    MatryoshkaHeads,
+    dim_weights,
+    flat_dims,
+    per_head_cross_entropy,
+    training_dims,
+)
+from mrl.models.backbones import build_backbone
+from mrl.report import plots
+from mrl.report.tracking import log_history_row, log_image_files, log_per_dim_table, log_summary
+from mrl.run_folder.config import run_config
+from mrl.run_folder.final_model import save_model
+from mrl.train.loop import train_one_epoch
+from mrl.train.optim import NO_DECAY, build_optimizer
+from mrl.train.publish import checkpoint_pusher
+from mrl.train.recipes import fill_recipe
+from mrl.train.run import data_loader, end_run, load_data, resolve_preset, start_run, start_tracking, steps_per_epoch
+from mrl.train.schedules import progressive_resolution, warmup_then
+from mrl.utils import script
+from mrl.utils.distributed import unwrap
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("train_supervised.py", description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser("train_supervised.py", description=__doc__, formatter_class=script.HelpFormatter)
     cli.add_data_args(parser, default_dataset="cats_vs_dogs")
     cli.add_model_args(parser)
     group = parser.add_argument_group("Matryoshka heads")
@@ -47,8 +57,6 @@ def get_args_parser():
                        help="train one classifier on the full embedding instead of the nested heads (the blog's baseline)")
     group.add_argument("--tied", action="store_true",
                        help="MRL-E: all heads share one weight matrix, the head for d using its first d columns")
-    group.add_argument("--dim_weights", default="uniform",
-                       help="loss weight per dim: 'uniform' (the blog and the paper) or comma-separated numbers")
     group.add_argument("--fixed_feature", type=int, default=None, metavar="K",
                        help="the MRL paper's fixed-feature baseline FF-K: one classifier on the first K dims of the "
                             "embedding only (the embedding keeps its width; the rest of it gets no gradient)")
@@ -56,33 +64,32 @@ def get_args_parser():
         "optimization (defaults: the dataset's recipe -- the blog's AdamW + ExponentialLR everywhere, the MRL paper's "
         "SGD recipe for --dataset imagenet; with --pretrained, the fine-tuning recipe: AdamW 1e-3 for the heads and "
         "0.1x for the backbone, weight decay 0.05 except norms and biases, 1 warmup epoch then cosine, label smoothing "
-        "0.1, batch 64, 10 epochs; see mrl/recipes.py)")
-    group.add_argument("--batch_size", type=int, default=None,
-                       help="images per forward pass, summed over all processes (split evenly among them) "
-                            "(default: 8, the blog's; 1024 for imagenet, the reference's 2 GPUs x 512)")
-    group.add_argument("--grad_accum_steps", type=int, default=None,
-                       help="forward passes per optimizer step (default: 4, the blog's; 1 for imagenet)")
-    group.add_argument("--optimizer", default=None, choices=("adamw", "sgd"),
-                       help="adamw (the blog) or sgd with --momentum (imagenet, the reference)")
-    group.add_argument("--lr", type=float, default=None,
-                       help="peak learning rate (default: 4e-4, the blog's; for imagenet 1.7 x global batch / 4096 "
-                            "= 0.425 at 1024. The reference's sources disagree -- README 0.425 at 2 x 512, paper 0.475 "
-                            "at 256 per GPU, yaml 0.2125 at 512 -- and 1.7 per 4096 images, linearly scaled, is the "
-                            "rule that FFCV's 77.2%% run used and the README's and yaml's numbers follow)")
+        "0.1, batch 64, 10 epochs; see mrl/train/recipes.py)")
+    cli.add_optimization_args(group, defaults=dict.fromkeys(cli.OPTIMIZATION_FLAGS), choices={
+        "optimizer": ("adamw", "sgd"), "lr_schedule": ("exponential", "linear", "cosine", "constant")}, notes={
+        "batch_size": "(default: 8, the blog's; 1024 for imagenet, the reference's 2 GPUs x 512)",
+        "grad_accum_steps": "(default: 4, the blog's; 1 for imagenet)",
+        "optimizer": "adamw (the blog) or sgd with --momentum (imagenet, the reference)",
+        "lr": "(default: 4e-4, the blog's; for imagenet 1.7 x global batch / 4096 = 0.425 at 1024. The reference's "
+              "sources disagree -- README 0.425 at 2 x 512, paper 0.475 at 256 per GPU, yaml 0.2125 at 512 -- and 1.7 "
+              "per 4096 images, linearly scaled, is the rule that FFCV's 77.2%% run used and the README's and yaml's "
+              "numbers follow)",
+        "backbone_lr_scale": "What is new: the heads, an --embed_dim projection (default: 0.1 with --pretrained, the "
+                             "fine-tuning recipe; else 1)",
+        "weight_decay": "(default: 0.01, AdamW as the blog; 1e-4 for imagenet)",
+        "lr_schedule": "After the warmup: exponential = x --lr_gamma per epoch (the blog); linear = down to 0 at the "
+                       "end (the reference's imagenet schedule); cosine; constant",
+        "warmup_epochs": "From 1e-4 x --lr (default: 0; 2 for imagenet)",
+        "max_grad_norm": "The blog clipped at 1.0 (the default), but on every micro-batch; here it is clipped once "
+                         "per accumulated step. imagenet: off, as the reference",
+        "memory_format": "(default: contiguous, as the blog; channels_last for imagenet)"})
     group.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)")
-    group.add_argument("--weight_decay", type=float, default=None,
-                       help="weight decay (default: 0.01, AdamW as the blog; 1e-4 for imagenet)")
     group.add_argument("--no_decay", default=None, choices=tuple(NO_DECAY),
                        help="parameters exempt from weight decay: none (the blog); bn_named = those whose name "
                             "contains 'bn' (the reference's rule for imagenet: the ResNet's bn1/bn2/bn3, not its "
                             "downsample BatchNorms); norm_bias = every 1-d parameter")
-    group.add_argument("--lr_schedule", default=None, choices=("exponential", "linear", "cosine", "constant"),
-                       help="per-step learning rate after the warmup: exponential = x --lr_gamma per epoch (the "
-                            "blog); linear = down to 0 at the end (the reference's imagenet schedule); cosine; constant")
     group.add_argument("--lr_gamma", type=float, default=None,
                        help="exponential schedule: the factor per epoch (default: 0.85, the blog's)")
-    group.add_argument("--warmup_epochs", type=float, default=None,
-                       help="linear warmup from 1e-4 x --lr to --lr over this many epochs (default: 0; 2 for imagenet)")
     group.add_argument("--label_smoothing", type=float, default=None,
                        help="label smoothing of every head's cross-entropy (default: 0; 0.1 for imagenet)")
     group.add_argument("--min_res", type=int, default=None,
@@ -98,9 +105,6 @@ def get_args_parser():
     group.add_argument("--blurpool", action=argparse.BooleanOptionalAction, default=None,
                        help="ResNets: blur before every strided convolution (BlurPool, as the reference trains "
                             "imagenet; default: off, on for imagenet)")
-    group.add_argument("--backbone_lr_scale", type=float, default=None,
-                       help="the backbone's network learns at this times the learning rate of what is new (heads, "
-                            "--embed_dim projection) (default: 0.1 with --pretrained, the fine-tuning recipe; else 1)")
     group.add_argument("--freeze_backbone_epochs", type=int, default=None,
                        help="train the heads (and projection) alone for the first N epochs, the backbone's network "
                             "frozen in eval mode (a linear probe), then fine-tune everything (default: 0)")
@@ -108,16 +112,6 @@ def get_args_parser():
                        help="timm backbones: layer-wise learning-rate decay, each layer below the last at this times "
                             "the rate of the one above, from timm's layer groups (e.g. 0.65-0.75 for ViTs, BEiT's "
                             "recipe; default: off)")
-    group.add_argument("--sync_bn", action="store_true",
-                       help="multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm), so that a run on "
-                            "N GPUs normalizes like one on a single GPU")
-    group.add_argument("--memory_format", default=None, choices=("contiguous", "channels_last"),
-                       help="weight and activation layout: contiguous is PyTorch's default, as the blog; "
-                            "channels_last runs bf16/fp16 convolutions faster on recent GPUs (default for imagenet)")
-    group.add_argument("--max_grad_norm", type=float, default=None,
-                       help="clip the gradient norm at every optimizer step (0: off). The blog clipped at 1.0 (the "
-                            "default), but on every micro-batch; here it is clipped once per accumulated step. "
-                            "imagenet: off, as the reference")
     group = parser.add_argument_group("decoding")
     group.add_argument("--decode_on_device", action="store_true",
                        help="the DataLoader workers only read the JPEGs' bytes; the training device decodes each batch "
@@ -140,7 +134,7 @@ def main(args):
     accelerator, state = run.accelerator, run.state
 
     # ---- data: train / validation / test, decoded and augmented lazily in the DataLoader workers
-    splits = load_data(run, streams=True)  # webdataset shards come as streams (mrl.streams)
+    splits = load_data(run, streams=True)  # webdataset shards come as streams (mrl.data.shards)
     train_transform = attach_transforms(splits, preset.augment, args.image_size, preset.mean, preset.std, args.seed,
                                         decoder=args.decoder, preprocessing=source.preprocessing)
     eval_batch_size = args.batch_size * args.grad_accum_steps  # no activations kept for backward: bigger batches fit
@@ -159,19 +153,20 @@ def main(args):
     if args.baseline:
         dims = [backbone.embed_dim]
     elif args.fixed_feature:  # FF-K: one head, on the first K dims
-        dims = check_dims([args.fixed_feature], backbone.embed_dim)
+        dims = training_dims([[args.fixed_feature]], backbone.embed_dim, name="--fixed_feature")
     else:
-        dims = check_dims(cli.flat_dims(args.dims) or default_dims(backbone.embed_dim), backbone.embed_dim)
+        dims = training_dims(args.dims, backbone.embed_dim)
     model = MatryoshkaClassifier(backbone, MatryoshkaHeads(dims, len(splits.class_names), tied=args.tied))
     if args.sync_bn and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.memory_format == "channels_last":  # the convolutions' outputs follow their weights' layout
         model = model.to(memory_format=torch.channels_last)
-    loss_weights = torch.tensor(dim_weights(dims, args.dim_weights, given=cli.flat_dims(args.dims)))
+    loss_weights = torch.tensor(dim_weights(dims, args.dim_weights, given=flat_dims(args.dims)))
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.no_decay,
                                 args.backbone_lr_scale, args.layer_decay)
 
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    train_loader = epoch_loader(accelerator, train_loader, train_transform)  # what the loop draws epochs from
     test_loader = accelerator.prepare(test_loader) if test_loader is not None else None
     loss_weights = loss_weights.to(accelerator.device)
     steps = steps_per_epoch(args, train_loader)
@@ -223,8 +218,7 @@ def main(args):
         if args.min_res and not args.decode_on_device:  # progressive resizing (evaluation stays at --image_size)
             train_transform.transform = build_transform(preset.augment, resolution(args, epoch), preset.mean,
                                                         preset.std, train=True)
-        train_one_epoch(run, model, optimizer, train_loader, train_transform, lr_schedule, dims, loss_weights,
-                        forward)
+        train_one_epoch(run, model, optimizer, train_loader, lr_schedule, dims, loss_weights, forward)
         val = evaluate(accelerator, model, val_loader, dims, args.label_smoothing)
         state.history.append({"epoch": epoch + 1, "step": state.step, "val_accuracy": val["accuracy"],
                               "val_loss": val["loss"]} | ({"val_top5": val["top5"]} if "top5" in val else {})
@@ -367,4 +361,4 @@ def write_reports(args, accelerator, dims, val, test, state, class_names):
 
 
 if __name__ == "__main__":
-    cli.run(main, get_args_parser().parse_args())
+    script.run(main, get_args_parser().parse_args())

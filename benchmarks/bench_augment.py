@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Two-view SSL augmentation throughput: the per-image PIL pipeline in DataLoader workers (train_ssl.py's default)
-vs the batched tensor version (`--gpu_augment`, mrl/ssl_augment.BatchAugment) on this machine's device.
+vs the batched tensor version (`--gpu_augment`, mrl/batches/ssl_augment.BatchAugment) on this machine's device.
 
 Both produce two augmented, normalized views per image of the CIFAR-10 copy. The worker side is timed end to end
 (decode + two views + collate) with N workers; the batched side is timed on uint8 batches already on the device
@@ -19,9 +19,10 @@ import torch
 import torchvision.transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mrl.data import PRESETS, load_splits  # noqa: E402
-from mrl.ssl_augment import BatchAugment, ssl_augmentation  # noqa: E402
-from mrl.transforms import Collate, FillUnreadable, ImageTransform  # noqa: E402
+from mrl.batches.ssl_augment import BatchAugment, ssl_augmentation
+from mrl.batches.transforms import Collate, FillUnreadable, ImageTransform
+from mrl.data.presets import PRESETS
+from mrl.data.sources import load_splits
 
 DEFAULT_CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10")
 

@@ -5,7 +5,7 @@ ImageNet-1k's train split is 1,281,167 x 2,048 features (10.5 GB in float32). Th
 that grow with it on synthetic features of that width (1,000 classes, each a Gaussian blob around its own mean, so
 that kNN and the probe have something to find), at several train sizes, each size in a process of its own:
 
-  write     the features streamed into the float16 cache file (mrl.features.FeatureWriter), then read back
+  write     the features streamed into the float16 cache file (mrl.eval.features.FeatureWriter), then read back
             memory-mapped (read_cache), as load_or_extract does
   knn       neighbor_metrics: kNN top-1 and mAP@10 / P@10 at every dim, the database streamed in chunks
   pca       the PCA baseline: fitted on --pca_fit_samples rows, every set projected in chunks
@@ -36,10 +36,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mrl.features import FeatureWriter, pca, read_cache  # noqa: E402
-from mrl.models import default_dims  # noqa: E402
-from mrl.probe import torch_probe  # noqa: E402
-from mrl.retrieval import adaptive_retrieval, neighbor_metrics  # noqa: E402
+from mrl.eval.features import FeatureWriter, pca, read_cache
+from mrl.eval.probe import torch_probe
+from mrl.eval.retrieval import adaptive_retrieval, neighbor_metrics
+from mrl.matryoshka import default_dims
 
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 

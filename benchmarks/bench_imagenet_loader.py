@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """ImageNet-style loading per CPU core: JPEG decode + RandomResizedCrop + flip to a uint8 tensor, PIL vs TorchCodec,
-and the --decode_on_device path (mrl.device_decode), at the progressive-resizing resolutions 160, 192 and 224 px.
+and the --decode_on_device path (mrl.batches.device_decode), at the progressive-resizing resolutions 160, 192 and 224 px.
 
 Real photos: scikit-learn's two (640x427, as shipped), and the same two resized to 500x375 (ImageNet's typical size)
 and re-encoded by PIL at quality 90; each set is cycled. One process, one thread, timed in CPU time (so that other
@@ -24,8 +24,8 @@ import torchvision.transforms as T
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mrl.decode import open_image, tensor_transform, torchcodec_decode_jpeg  # noqa: E402
-from mrl.device_decode import EncodedCollate, EncodeTransform, decode_batch  # noqa: E402
+from mrl.batches.decode import open_image, tensor_transform, torchcodec_decode_jpeg
+from mrl.batches.device_decode import EncodedCollate, EncodeTransform, decode_batch
 
 PHOTOS = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
 PER_GPU = 3300  # FFCV's ResNet-50 on 8 A100s: ~26k img/s (reference.md I)

@@ -30,10 +30,11 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mrl.data import PRESETS, load_splits  # noqa: E402
-from mrl.device_data import DeviceLoader, cached_decode, decode_transform  # noqa: E402
-from mrl.ssl_augment import BatchAugment, batch_seed, ssl_augmentation  # noqa: E402
-from mrl.transforms import Collate, FillUnreadable, ImageTransform  # noqa: E402
+from mrl.batches.device_data import DeviceLoader, cached_decode, decode_transform
+from mrl.batches.ssl_augment import BatchAugment, batch_seed, ssl_augmentation
+from mrl.batches.transforms import Collate, FillUnreadable, ImageTransform
+from mrl.data.presets import PRESETS
+from mrl.data.sources import load_splits
 
 DEFAULT_CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10")
 SIDES = ("workers-pil", "workers-gpu", "device")

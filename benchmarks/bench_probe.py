@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Linear-probe sweep over nested dims: our default probe (mrl/probe.py, torch) vs the seed's scikit-learn protocol.
+"""Linear-probe sweep over nested dims: our default probe (mrl/eval/probe.py, torch) vs the seed's scikit-learn protocol.
 
 The workload of reference.md section E: 7 dims (8..512) of 512-dim features, 50k train / 10k test, 10 classes.
 The features are a fixed random projection of CIFAR-10's pixels (3072 -> 512, seed 0): real data, no trained model
@@ -23,7 +23,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mrl.probe import L2_GRID, sklearn_probe, torch_probe  # noqa: E402
+from mrl.eval.probe import L2_GRID, sklearn_probe, torch_probe
 
 DEFAULT_CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10")
 

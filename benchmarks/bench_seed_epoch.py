@@ -24,10 +24,9 @@ import os
 import tempfile
 import time
 
+import mrl_pytorch  # benchmarks/, beside this script; imports neither our mrl nor the seed's
 import numpy as np
 import torch
-
-import mrl_pytorch  # benchmarks/, beside this script; imports neither our mrl nor the seed's
 
 DEFAULT_CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ReLIC + MRL training step: ours (mrl.loop.training_step under Accelerate) vs mrl-pytorch 0.1.1's own code.
+"""ReLIC + MRL training step: ours (mrl.train.loop.training_step under Accelerate) vs mrl-pytorch 0.1.1's own code.
 
 Both sides train ResNet-18 with the CIFAR stem, projector 512 -> 512 -> 64, nested dims 8..512, Adam lr 3e-4
 wd 1e-5, an EMA target updated every step, on the same random batch of two views (the data pipeline is not timed:
@@ -99,12 +99,13 @@ def run_ours(args, nest, memory_format):
     from accelerate import Accelerator
 
     import mrl
-    from mrl.distributed import unwrap
-    from mrl.loop import training_step
-    from mrl.models import build_backbone, default_dims
-    from mrl.projectors import Projector
-    from mrl.schedules import cosine_schedule
-    from mrl.ssl_model import SSLModel
+    from mrl.matryoshka import default_dims
+    from mrl.models.backbones import build_backbone
+    from mrl.ssl.model import SSLModel
+    from mrl.ssl.projectors import Projector
+    from mrl.train.loop import training_step
+    from mrl.train.schedules import cosine_schedule
+    from mrl.utils.distributed import unwrap
 
     assert os.path.dirname(mrl.__file__) == os.path.join(ROOT, "mrl"), mrl.__file__
     accelerator = Accelerator(mixed_precision=args.precision, cpu=args.device == "cpu")

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mrl.loop import training_step  # noqa: E402
-from mrl.losses import per_head_cross_entropy  # noqa: E402
-from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone  # noqa: E402
+from mrl.matryoshka import MatryoshkaClassifier, MatryoshkaHeads, per_head_cross_entropy
+from mrl.models.backbones import build_backbone
+from mrl.train.loop import training_step
 
 DIMS = [8, 16, 32, 64, 128, 256, 512, 1024]
 

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_ssl  # noqa: E402
 import train_supervised  # noqa: E402
-from mrl.checkpoint import list_checkpoints  # noqa: E402
+from mrl.run_folder.layout import list_checkpoints
 
 SCRIPTS = {"ssl": train_ssl, "supervised": train_supervised}
 RECORDS = []  # (step, values) of every accelerator.log call of the run in progress

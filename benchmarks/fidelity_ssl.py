@@ -48,6 +48,8 @@ import mrl_pytorch  # noqa: E402  (imports neither our mrl nor the seed's)
 from fidelity_table import markdown, per_dim, summarize  # noqa: E402
 from mrl_pytorch import resnet_child_names, seed_to_ours  # noqa: E402
 
+from mrl.utils import script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILTIN_SIDES = ("ours", "ours-nest-projector", "seed", "untrained", "seed-bn-train", "seed-online", "ours-online",
                  "seed-untrained")
@@ -275,8 +277,8 @@ def train_seed(args, seed, folder, device, bn_train, epochs):
     """The seed's training run in its own process, on the same decoded training subset as ours."""
     import numpy as np
 
-    from mrl.data import load_splits
-    from mrl.transforms import open_image
+    from mrl.batches.decode import open_image
+    from mrl.data.sources import load_splits
 
     splits = load_splits(args.dataset, args.dataset_path or None, seed=seed,
                          max_train_samples=args.max_train_samples or None)
@@ -302,9 +304,10 @@ def train_seed(args, seed, folder, device, bn_train, epochs):
 def seed_config(args, splits, source, which, seed_run):
     """config.json of an exported mrl-pytorch encoder: the seed's settings, in train_ssl.py's flag names, and inputs
     (mean 0 / std 1: its encoder saw ToTensor's [0, 1] pixels, in training and in its own evaluation)."""
-    from mrl.data import SPLIT_FLAGS
-    from mrl.models import build_backbone, default_dims
-    from mrl.run_config import run_config
+    from mrl.data.splits import SPLIT_FLAGS
+    from mrl.matryoshka import default_dims
+    from mrl.models.backbones import build_backbone
+    from mrl.run_folder.config import run_config
 
     cifar_stem = args.image_size < 64
     settings = argparse.Namespace(
@@ -327,9 +330,9 @@ def import_seed_encoder(args, seed, seed_folder, folder, which):
     """The seed's saved encoder as this repo's model folder, checked to compute the seed's own embeddings."""
     from safetensors.torch import load_file, save_file
 
-    from mrl.data import load_splits
-    from mrl.models import build_backbone
-    from mrl.run_config import write_config
+    from mrl.data.sources import load_splits
+    from mrl.models.backbones import build_backbone
+    from mrl.run_folder.config import write_config
 
     tensors = load_file(os.path.join(seed_folder, f"seed_{which}.safetensors"))
     with open(os.path.join(seed_folder, "seed_run.json")) as f:
@@ -364,8 +367,8 @@ def export_online(source, folder):
     """ours-online: the online backbone of a finished train_ssl.py run (its last checkpoint), same config."""
     from safetensors.torch import load_file, save_file
 
-    from mrl.checkpoint import list_checkpoints
-    from mrl.run_config import CONFIG_FILE, ONLINE, write_config
+    from mrl.run_folder.config import ONLINE, write_config
+    from mrl.run_folder.layout import CONFIG_FILE, list_checkpoints
 
     checkpoint = list_checkpoints(source)[-1]
     with open(os.path.join(source, "metrics.json")) as f:
@@ -427,6 +430,5 @@ if __name__ == "__main__":
         run_seed_job(parsed.worker)
     else:
         sys.path.insert(0, ROOT)
-        from mrl import cli
 
-        cli.run(main, parsed)
+        script.run(main, parsed)

@@ -15,8 +15,8 @@ Paths (CIFAR-10 subsets, ResNet-18; each check is a real command line, as a user
                     MatryoshkaEncoder.from_pretrained loads the folder on the device and encodes
   embed             embed.py on the test split with a faiss index, then a --query search: every embedding left the
                     device, the query finds itself
-  sync_bn           (2+ GPUs) train_ssl.py --method byol --sync_bn on 2 processes under mrl.supervise
-  compile_2proc     (2+ GPUs) 2 compiled processes under mrl.supervise + torchrun, SIGTERM at the first checkpoint
+  sync_bn           (2+ GPUs) train_ssl.py --method byol --sync_bn on 2 processes under mrl.train.supervise
+  compile_2proc     (2+ GPUs) 2 compiled processes under mrl.train.supervise + torchrun, SIGTERM at the first checkpoint
                     (exit 75), resumed to the end; the saved keys are bare
 """
 
@@ -116,7 +116,7 @@ def main():
 
     def preempt(command, out, expected):
         """Start `command` in a session of its own, SIGTERM its group at its first checkpoint, wait for it."""
-        from mrl.checkpoint import list_checkpoints
+        from mrl.run_folder.layout import list_checkpoints
 
         process = subprocess.Popen([str(c) for c in command], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -135,8 +135,9 @@ def main():
         run([PY, "train_supervised.py", *supervised, *half, "--output_dir", out],
             {"ACCELERATE_DYNAMO_BACKEND": backend}, timeout=max(args.timeout, 400))
         bare_keys(out)
-        from mrl.pretrained import MatryoshkaEncoder
         import torch
+
+        from mrl.pretrained import MatryoshkaEncoder
 
         model = MatryoshkaEncoder.from_pretrained(out, device=args.device)
         z = model.encode(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), dim=16)
@@ -148,7 +149,6 @@ def main():
         run([PY, "embed.py", "--checkpoint", source, "--dataset", "cifar10", "--dataset_path", args.dataset_path,
              "--split", "test", "--dims", "16,512", "--index_dim", 16, "--output_dir", out, "--overwrite"])
         manifest = json.load(open(os.path.join(out, "embed.json")))
-        from PIL import Image
         import datasets
 
         test = datasets.load_dataset(args.dataset_path, split="test")
@@ -159,12 +159,12 @@ def main():
         return f"{manifest['count']} images embedded"
 
     def sync_bn():
-        run([PY, "-m", "mrl.supervise", PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
+        run([PY, "-m", "mrl.train.supervise", PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
              "train_ssl.py", *ssl, *half, "--method", "byol", "--sync_bn", "--output_dir", run_dir("sync_bn")])
 
     def compile_two_processes():
         out = run_dir("compiled_2proc")
-        command = [PY, "-m", "mrl.supervise", PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
+        command = [PY, "-m", "mrl.train.supervise", PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
                    "train_ssl.py", *ssl, *half, "--checkpointing_steps", 2, "--output_dir", out]
         env["ACCELERATE_DYNAMO_BACKEND"] = backend
         try:

@@ -48,7 +48,7 @@ if [ "${1:-}" = prepare ]; then
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
     -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 accelerate==1.15.0 timm==1.0.31
   # TorchCodec for the image's torch 2.11 (its table: torchcodec 0.x pairs with torch 2.x); PyPI's build, whose FFmpeg
-  # and CUDA needs are untested on the image: where it does not load, mrl.decode falls back to PIL and says so
+  # and CUDA needs are untested on the image: where it does not load, mrl.batches.decode falls back to PIL and says so
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
     -d .whl "torchcodec==0.11.*"
   # the seed's wheel apart: its import package is also called `mrl`, so it must not be installed over ours
@@ -125,7 +125,7 @@ import accelerate, datasets, fsspec, huggingface_hub, pyarrow, torch, torchvisio
 print("torch", torch.__version__, "torchvision", torchvision.__version__, "accelerate", accelerate.__version__,
       "datasets", datasets.__version__, "pyarrow", pyarrow.__version__, "fsspec", fsspec.__version__,
       "huggingface_hub", huggingface_hub.__version__, "cuda", torch.cuda.is_available())
-import train_ssl, train_supervised, mrl.device_data  # noqa: F401
+import train_ssl, train_supervised, mrl.batches.device_data  # noqa: F401
 PYTHON
 }
 export -f report_env

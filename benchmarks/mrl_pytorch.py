@@ -149,7 +149,7 @@ class Trainer:
 def resnet_child_names():
     """Names of the children of a torchvision ResNet that the seed's encoder keeps, in order: its encoder is
     nn.Sequential(*children[:-1] (all but fc), AdaptiveAvgPool2d(1), Squeeze()), so its state dict keys are
-    `<index>.<rest>`, where ours (mrl.models.ResNet) are `net.<child name>.<rest>`."""
+    `<index>.<rest>`, where ours (mrl.models.backbones.ResNet) are `net.<child name>.<rest>`."""
     import torchvision
 
     return [name for name, _ in torchvision.models.resnet18(weights=None).named_children()][:-1]

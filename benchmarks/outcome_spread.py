@@ -59,8 +59,9 @@ def supervised(seed, threads, tmp):
 def ssl(seed, threads, tmp):
     out = os.path.join(tmp, "out")
     run("train_ssl.py", [*SSL, "--seed", seed, "--output_dir", out, "--report_to", "wandb"], threads, tmp)
-    from wandb_history import history, run_dirs
     import math
+
+    from wandb_history import history, run_dirs
 
     first = min((r for r in history(run_dirs(tmp)[0]) if "train/loss" in r), key=lambda r: r["_step"])
     knn = json.load(open(os.path.join(out, "metrics.json")))["knn_accuracy"]
@@ -91,11 +92,9 @@ def pixels(seed, threads, tmp):
     faiss.omp_set_num_threads(threads)
     from sklearn.datasets import load_digits
 
-    from mrl.features import pca
-    from mrl.probe import torch_probe
-    from mrl.retrieval import HNSWIndex, exact_search, knn_predict, nearest_neighbors, normalized_prefix
-
-    from mrl.probe import stratified_split
+    from mrl.eval.features import pca
+    from mrl.eval.probe import stratified_split, torch_probe
+    from mrl.eval.retrieval import HNSWIndex, exact_search, knn_predict, nearest_neighbors, normalized_prefix
 
     # tests/test_probe.py's `digits` fixture: a stratified 70/30 split (seed 0 there)
     x, y = load_digits(return_X_y=True)

@@ -13,7 +13,7 @@
 # (ROBUSTNESS_DIR/imagenet-a etc.), the heads' top-1 on them.
 #
 # Each training task runs examples/slurm.sh (exec'd, so it is the batch shell): Slurm signals this batch shell two minutes before the time limit
-# (--signal=B:USR1@120); the shell sends SIGTERM to the job step, whose task -- `python -m mrl.supervise accelerate
+# (--signal=B:USR1@120); the shell sends SIGTERM to the job step, whose task -- `python -m mrl.train.supervise accelerate
 # launch ...` -- passes it to the training processes, which save a checkpoint at the next optimizer step and leave
 # PREEMPTED in their --output_dir. The array task then requeues itself (each task has its own job id) and resumes
 # from that checkpoint (--resume_from_checkpoint latest); the other tasks are not affected.
@@ -35,7 +35,7 @@
 set -u
 RUNS=${RUNS:-runs}
 ROBUSTNESS_DIR=${ROBUSTNESS_DIR:-}  # e.g. data/robustness with imagenet-v2/, imagenet-a/, imagenet-r/, sketch/
-LAUNCH=(python -m mrl.supervise accelerate launch --config_file accelerate_configs/multi_gpu.yaml
+LAUNCH=(python -m mrl.train.supervise accelerate launch --config_file accelerate_configs/multi_gpu.yaml
         --num_processes "${SLURM_GPUS_ON_NODE:-8}")
 # task i < 9 is FF-K with K = 8 * 2^i; then MRL, MRL-E (tied heads) and the baseline (one head on all 2048 dims)
 FF_DIMS=(8 16 32 64 128 256 512 1024 2048)
@@ -70,7 +70,7 @@ else
     echo "array task $task: this job has tasks 0-11 (9 FF-K, MRL, MRL-E, baseline)" >&2
     exit 2
 fi
-# The training itself is examples/slurm.sh's on this one node -- its launch under mrl.supervise, its preemption
+# The training itself is examples/slurm.sh's on this one node -- its launch under mrl.train.supervise, its preemption
 # (USR1 -> SIGTERM to the step -> checkpoint) and its requeue of this task's own job id -- with the flags given to
 # this script (e.g. --dataset_path /data/ILSVRC2012) after the task's own.
 exec bash examples/slurm.sh train_supervised.py --dataset imagenet "${args[@]}" "$@" --output_dir "$RUNS/$name"

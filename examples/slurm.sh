@@ -2,7 +2,7 @@
 # Multi-node training under Slurm with `accelerate launch`: one Slurm task per node, each starting one training
 # process per GPU. Preemption-safe: Slurm signals this batch shell two minutes before the time limit
 # (--signal=B:USR1@120); the shell sends SIGTERM to the job step, and srun to every node's task. Each task is
-# `python -m mrl.supervise accelerate launch ...` (README, "Preemption"): it passes the signal to its training
+# `python -m mrl.train.supervise accelerate launch ...` (README, "Preemption"): it passes the signal to its training
 # processes, which save a checkpoint at the next optimizer step, and it exits only after they have -- the step ends,
 # and its processes are killed, when the tasks exit, so the launcher alone (which dies of the signal at once) would
 # lose the checkpoint. Whenever a run stopped for a preemption -- this time limit, or a signal from anywhere else,
@@ -45,7 +45,7 @@ MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 preempted=0
 trap 'preempted=1; kill -TERM "$step" 2>/dev/null' USR1
 
-srun --kill-on-bad-exit=0 bash -c "exec python -m mrl.supervise accelerate launch \
+srun --kill-on-bad-exit=0 bash -c "exec python -m mrl.train.supervise accelerate launch \
     --config_file accelerate_configs/multi_node.yaml \
     --num_machines $SLURM_NNODES --num_processes $((SLURM_NNODES * GPUS_PER_NODE)) \
     --machine_rank \$SLURM_NODEID --main_process_ip $MAIN_ADDR --main_process_port 29500 \

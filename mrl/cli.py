@@ -1,44 +1,16 @@
-"""The command-line vocabulary shared by train_supervised.py, train_ssl.py and evaluate.py.
+"""The command-line vocabulary the scripts share: the data, model, run, W&B, Hub and optimization flags.
 
 The number of processes and machines are not flags here: they come from the launcher (`torchrun`, `accelerate
 launch` and the files in accelerate_configs/). Mixed precision is both: --mixed_precision, as in Accelerate's own
 example scripts, for runs started with `python` or torchrun, and otherwise what `accelerate launch` says.
 """
 
-import argparse
-import netrc
 import os
-import shutil
-import sys
-from urllib.parse import urlparse
 
-from mrl import UserError
-from mrl.data import PRESETS
-from mrl.decode import DECODERS
-from mrl.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, Preempted
-from mrl.models import BACKBONES, NORMS
-from mrl.tracking import FLUSHED_FILE
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with each flag's default, except where the help text already says what it is or there is none."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "(default" in (action.help or "").lower():
-            return action.help
-        return super()._get_help_string(action)
-
-
-def parse_dims(text):
-    """`--dims 8,16,32` or `--dims 8 16 32`."""
-    try:
-        return [int(d) for d in text.split(",") if d.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"dims must be integers, got {text!r}") from None
-
-
-def flat_dims(dims):
-    return None if dims is None else [d for group in dims for d in group]
+from mrl.batches.decode import DECODERS
+from mrl.data.presets import PRESETS
+from mrl.matryoshka import parse_dims
+from mrl.models.backbones import BACKBONES, NORMS
 
 
 def add_data_args(parser, default_dataset):
@@ -97,6 +69,9 @@ def add_model_args(parser):
                             "computes on one, without --sync_bn")
     group.add_argument("--dims", type=parse_dims, nargs="+", default=None,
                        help="nested prefix sizes, e.g. 8,16,32 (default: powers of two from 8 up to the embedding dim)")
+    group.add_argument("--dim_weights", default="uniform",
+                       help="the loss weight of each dim: 'uniform' (the blog, mrl-pytorch and the MRL paper) or "
+                            "comma-separated numbers, one per --dims entry in the order given")
     return group
 
 
@@ -159,124 +134,34 @@ def add_hub_args(parser):
     return group
 
 
-def resolve_hub_args(args):
-    """Check the Hub flags at the start, not after hours of training."""
-    if not args.push_to_hub:
-        given = [f"--{name}" for name in ("hub_model_id", "hub_private", "hub_push_checkpoints") if getattr(args, name)]
-        if given:
-            raise UserError(f"{', '.join(given)} need --push_to_hub")
-        return
-    from huggingface_hub import get_token
-
-    if not get_token():
-        raise UserError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
 
 
-def resolve_run_args(args, variant):
-    """Fill defaults that depend on other flags, and check what argparse cannot. `variant` names what is trained
-    (supervised_mrl, ssl_relic, ...): the default --output_dir differs for every variant, dataset (and folder) and
-    model, and is the same for the same command, so a relaunch finds its checkpoints."""
-    resolve_report_to(args)
-    if args.output_dir is None:
-        dataset = args.dataset
-        if args.dataset == "custom" and args.dataset_path:
-            dataset += "-" + os.path.basename(os.path.normpath(args.dataset_path))
-        args.output_dir = os.path.join("runs", f"{variant}_{dataset}_{model_slug(args)}")
-    if args.checkpointing_steps != "epoch" and not args.checkpointing_steps.isdigit():
-        raise UserError(f"--checkpointing_steps must be 'epoch' or a number, got {args.checkpointing_steps!r}")
-    if not 0 <= args.seed < 2**32:  # numpy's generators (splits, shuffles) take 32-bit seeds
-        raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
-    for name in ("epochs", "batch_size"):
-        value = getattr(args, name, None)  # None: not set yet (a recipe fills it)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if not 0 <= args.test_fraction < 1 or not 0 < args.val_fraction < 1 or args.val_fraction + args.test_fraction >= 1:
-        raise UserError("--val_fraction must be in (0, 1), --test_fraction in [0, 1), and their sum below 1")
-    if hasattr(args, "push_to_hub"):
-        resolve_hub_args(args)
+# The optimization flags both training scripts take, declared once: each one's type and what it means. A script gives
+# its defaults (its reference's recipe), the choices it offers, and what it says beyond the common meaning.
+OPTIMIZATION_FLAGS = {
+    "batch_size": (int, "images per forward pass, summed over all processes (split evenly among them)"),
+    "grad_accum_steps": (int, "forward passes per optimizer step"),
+    "optimizer": (str, "the optimizer"),
+    "lr": (float, "peak learning rate"),
+    "backbone_lr_scale": (float, "the backbone's network learns at this times the learning rate of what is new"),
+    "weight_decay": (float, "weight decay"),
+    "lr_schedule": (str, "the learning rate per optimizer step"),
+    "warmup_epochs": (float, "linear warmup to --lr over this many epochs"),
+    "max_grad_norm": (float, "clip the gradient norm at every optimizer step (0: off)"),
+    "memory_format": (str, "weight and activation layout: channels_last runs convolutions faster on recent GPUs "
+                           "(bf16/fp16) and on CPUs with oneDNN; contiguous is PyTorch's default"),
+}
 
 
-def model_slug(args):
-    """--model as part of a folder name: timm/<name> and hf-hub:<user>/<repo> without their slashes, a folder by its
-    name; `-pretrained` for a pretrained start (a fine-tuned run and one from scratch do not share a folder)."""
-    name = args.model.rstrip("/")
-    name = os.path.basename(name) if os.path.isdir(name) else name.replace("hf-hub:", "").replace("/", "-")
-    return name + ("-pretrained" if getattr(args, "pretrained", False) else "")
-
-
-def resolve_report_to(args):
-    """--report_to auto -> wandb when W&B can log without asking anything, else none. An explicit --report_to wandb
-    that W&B would answer with its interactive login prompt (which waits forever, or fails without a terminal)
-    is refused here, before any work is done."""
-    if args.report_to == "auto":
-        args.report_to = "wandb" if wandb_configured() else "none"
-    elif args.report_to == "wandb" and not wandb_configured():
-        raise UserError("--report_to wandb, but W&B is not logged in on this machine: run `wandb login` (or set "
-                        "WANDB_API_KEY), or set WANDB_MODE=offline to log locally and `wandb sync` later")
-
-
-def wandb_configured():
-    """Whether W&B can start a run without prompting: offline or disabled mode, an API key in the environment, or
-    a login saved in the netrc file (what `wandb login` writes)."""
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
-        return True
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-    try:
-        return netrc.netrc(path).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-# What a run writes into its --output_dir: all of it goes when --overwrite replaces the run (and nothing else there).
-RUN_OUTPUTS = ("checkpoints", "eval", "features", "model.safetensors", "config.json", "metrics.json", "README.md",
-               PREEMPTED_MARKER, FLUSHED_FILE, "accuracy_vs_dim.png", "pca_val.png", "knn_accuracy_vs_dim.png")
-
-
-def check_output_dir(args, resuming, is_main):
-    """Refuse to write a new run over a finished one or over checkpoints, unless asked to (--overwrite then
-    removes everything the old run wrote, so that neither a later 'latest' nor a reader of eval/ picks up a part
-    of it). A preemption marker left by the previous start is removed: this start decides anew."""
-    taken = [p for p in ("config.json", "checkpoints") if os.path.exists(os.path.join(args.output_dir, p))]
-    # a relaunch with 'latest' of a run that stopped before its first checkpoint (only config.json): start it anew
-    never_saved = taken == ["config.json"] and not os.path.exists(os.path.join(args.output_dir, "model.safetensors"))
-    if taken and not resuming and not (never_saved and args.resume_from_checkpoint == "latest"):
-        if not args.overwrite:
-            raise UserError(f"--output_dir {args.output_dir} already holds a run ({', '.join(taken)}); pass "
-                            "--resume_from_checkpoint latest to continue it, --overwrite to replace it, or another "
-                            "--output_dir")
-        if is_main:
-            for name in RUN_OUTPUTS:
-                path = os.path.join(args.output_dir, name)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --output_dir {args.output_dir}: {e.strerror}") from None
-    if not os.access(args.output_dir, os.W_OK):
-        raise UserError(f"--output_dir {args.output_dir} is not writable")
-    marker = os.path.join(args.output_dir, PREEMPTED_MARKER)
-    if is_main and os.path.exists(marker):
-        os.remove(marker)
-
-
-def run(main, args):
-    """Call main(args); a UserError becomes one line on stderr and exit status 1, not a traceback, a preempted run
-    exits with PREEMPTED_EXIT_CODE after its checkpoint is saved, and a Ctrl-C before training starts (when the
-    training scripts begin to handle it themselves) exits with 130, also without a traceback."""
-    try:
-        main(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except Preempted as e:
-        if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
-            print(f"\npreempted: {e}", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT_CODE)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+def add_optimization_args(group, defaults, choices, notes):
+    """OPTIMIZATION_FLAGS and --sync_bn in `group`; `defaults` gives every flag's default (None: the script fills it
+    later, from a recipe), `choices` a flag's accepted values, `notes` what a flag's help adds (its defaults, its
+    reference)."""
+    choices = {"memory_format": ("contiguous", "channels_last"), **choices}
+    for name, (kind, meaning) in OPTIMIZATION_FLAGS.items():
+        note = notes.get(name)
+        group.add_argument(f"--{name}", type=None if kind is str else kind, default=defaults[name],
+                           choices=choices.get(name), help=f"{meaning}{f'. {note}' if note else ''}")
+    group.add_argument("--sync_bn", action="store_true",
+                       help="multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm), so that a run on "
+                            "N GPUs normalizes like one on a single GPU")

@@ -7,22 +7,21 @@ size, classify with a supervised run's heads, save it and share it on the Hub.
     embeddings = model.encode(images, dim=64)   # (n, 64): the first 64 dims, each row L2-renormalized
 
 A run folder already is a model in the Hub's layout: `model.safetensors` (keys `backbone.*`, and `heads.*` or
-`projector.*`) and `config.json` (architecture and preprocessing, mrl/checkpoint.py). huggingface_hub's
+`projector.*`) and `config.json` (architecture and preprocessing, mrl/run_folder/final_model.py). huggingface_hub's
 PyTorchModelHubMixin gives the class `from_pretrained`, `save_pretrained` and `push_to_hub` over that layout, and
 downloads and caches Hub repos; this module supplies how the model is rebuilt from its config, which files travel
 with it (the model card, metrics and plots), and errors that say in one line what went wrong (an unreachable Hub,
 a folder that is not a run). Files written by save_pretrained are read by evaluate.py like any run folder.
 
-Putting a training run on the Hub at its end (the card, the upload, checkpoint uploads) is mrl/publish.py.
+Putting a training run on the Hub at its end (the card, the upload, checkpoint uploads) is mrl/train/publish.py.
 """
 
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
+import datasets
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,13 +31,15 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-import datasets
 from mrl import UserError
-from mrl.checkpoint import MODEL_FILE, build_model, read_config, without_wrapper_prefixes
-from mrl.model_card import CARD_FILE, LIBRARY, PAPER, PLOTS, TAGS, build_card
-from mrl.run_config import CONFIG_FILE, write_config
-from mrl.transforms import build_transform, open_image
-from mrl.models import default_dims
+from mrl.batches.decode import open_image
+from mrl.batches.transforms import eval_transform
+from mrl.hub.model_card import CARD_FILE, LIBRARY, PAPER, PLOTS, TAGS, build_card
+from mrl.matryoshka import check_range, default_dims
+from mrl.run_folder.config import read_config, write_config
+from mrl.run_folder.final_model import build_model, without_wrapper_prefixes
+from mrl.run_folder.layout import CONFIG_FILE, MODEL_FILE
+from mrl.utils import hub_access
 
 # What travels with a model to the Hub and back, besides the weights and config: its card, the training metrics and
 # plots, and evaluate.py's results when they were written inside the run folder (its default). Never checkpoints/
@@ -76,7 +77,7 @@ class MatryoshkaEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, t
         are huggingface_hub's (revision, token, cache_dir, force_download, local_files_only)."""
         name = str(name_or_path)
         if not os.path.isdir(name) and not kwargs.get("local_files_only") and not constants.HF_HUB_OFFLINE:
-            problem = hub_unreachable()
+            problem = hub_access.hub_unreachable()
             if problem:  # a cached copy still works; downloading would retry for half a minute before failing
                 kwargs["local_files_only"] = True
         else:
@@ -88,7 +89,7 @@ class MatryoshkaEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, t
         except Exception as e:  # huggingface_hub and the network raise many types
             where = f"{name} is not a local folder, and "
             why = (f"{problem}, and the model is not in the local Hugging Face cache" if problem
-                   else f"the Hub could not provide it ({one_line(e)})")
+                   else f"the Hub could not provide it ({hub_access.one_line(e)})")
             raise UserError(where + why) from None
 
     @classmethod
@@ -142,13 +143,13 @@ class MatryoshkaEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, t
     def push_to_hub(self, repo_id, **kwargs):
         """Upload what save_pretrained writes to the model repo `repo_id` (created when missing); returns the commit
         URL. Fails in seconds, in one line (UserError), when the Hub cannot be reached or refuses the upload."""
-        problem = hub_unreachable()
+        problem = hub_access.hub_unreachable()
         if problem:
             raise UserError(f"cannot push to {repo_id}: {problem}")
         try:
             return super().push_to_hub(repo_id, **kwargs)
         except Exception as e:
-            raise UserError(f"cannot push to {repo_id}: {one_line(e)}") from None
+            raise UserError(f"cannot push to {repo_id}: {hub_access.one_line(e)}") from None
 
     # ---- using the model
 
@@ -216,10 +217,7 @@ class MatryoshkaEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, t
 
     def _check_dims(self, dim):
         dims = [self.embed_dim] if dim is None else list(dim) if isinstance(dim, (list, tuple)) else [dim]
-        bad = [d for d in dims if not isinstance(d, int) or not 1 <= d <= self.embed_dim]
-        if bad or not dims:
-            raise UserError(f"dim must be an int in 1..{self.embed_dim} (this model's embedding dim), got {dim!r}")
-        return dims
+        return check_range(dims, self.embed_dim, name="dim", whose="this model's embedding dim")
 
     def _embed(self, images, batch_size, num_workers, progress):
         """Full embeddings (n, embed_dim), float32 on the CPU, in the order of `images`."""
@@ -261,7 +259,7 @@ class ImageList(torch.utils.data.Dataset):
                                next((c for c in ("image", "img") if c in images.column_names), None))
             if self.column is None:
                 raise UserError(f"the dataset has no image column (columns: {', '.join(images.column_names)})")
-            # undecoded cells, opened by mrl.transforms.open_image like every other image here (EXIF rotation, RGB)
+            # undecoded cells, opened by mrl.batches.transforms.open_image like every other image here (EXIF rotation, RGB)
             self.items = (images.with_format(None).select_columns([self.column])
                           .cast_column(self.column, datasets.Image(decode=False)))
             self.names = list(range(len(images)))
@@ -306,19 +304,6 @@ def list_images(folder):
     return found
 
 
-def eval_transform(config, image_size=None):
-    """The run's evaluation preprocessing (PIL image -> normalized tensor), for evaluate.py too; `image_size`
-    overrides the run's (evaluate.py --image_size)."""
-    data = config.get("data") or {}
-    if not data.get("image_size"):
-        raise UserError("the model's config.json has no data.image_size: it cannot say how to preprocess images")
-    args = (image_size or data["image_size"], data.get("mean", (0.0,) * 3), data.get("std", (1.0,) * 3))
-    try:  # a pretrained backbone's own resize and crop (data.preprocessing) where the run recorded them
-        return build_transform(data.get("augment", "none"), *args, train=False, preprocessing=data.get("preprocessing"))
-    except UserError:  # a train-only augmentation name (e.g. SSL's two views): evaluation is the plain resize
-        return build_transform("none", *args, train=False)
-
-
 def best_device():
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -337,23 +322,3 @@ def carried_files(folder):
             found += [os.path.join(sub, f) for f in sorted(os.listdir(base))
                       if Path(f).match(name) and os.path.isfile(os.path.join(base, f))]
     return found
-
-
-def hub_unreachable(timeout=5):
-    """None when a TCP connection to the Hub's host opens, else why not (one line). Skipped behind a proxy, where a
-    direct connection says nothing."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError as e:
-        return f"cannot reach the Hugging Face Hub at {url.hostname} ({e.strerror or type(e).__name__})"
-    return None
-
-
-def one_line(e):
-    """An exception as one line of an error message: its type and the first line of what it says."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
-

@@ -18,7 +18,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import pytest
 from filelock import FileLock
-
 from imagenet_fixture import tiny_imagenet  # noqa: F401 (a fixture for every test: the tiny ILSVRC folder and copies)
 
 ROOT = Path(__file__).resolve().parents[1]

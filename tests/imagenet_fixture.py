@@ -68,7 +68,7 @@ SPECIAL = {(0, 0): "gray", (1, 0): "cmyk", (2, 0): "png", (3, 0): "exif", (0, 1)
 
 
 def build_tiny_imagenet(root):
-    from mrl.imagenet import synsets
+    from mrl.data.imagenet import synsets
 
     root = Path(root)
     names = tuple(synsets()[i] for i in SYNSET_INDICES)
@@ -103,7 +103,8 @@ def _class_image(name, names):
 
 def _write_parquet(root, samples):
     import datasets
-    from mrl.imagenet import class_label
+
+    from mrl.data.imagenet import class_label
 
     features = datasets.Features({"image": datasets.Image(), "label": class_label()})
     (root / "data").mkdir(parents=True)

@@ -7,10 +7,18 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from mrl.data import load_splits
-from mrl.ssl_augment import (BatchAugment, batch_seed, blur_kernel_size, gaussian_blur, grayscale, hsv_to_rgb,
-                             rgb_to_hsv, ssl_augmentation)
-from mrl.transforms import ImageTransform, build_transform
+from mrl.batches.ssl_augment import (
+    BatchAugment,
+    batch_seed,
+    blur_kernel_size,
+    gaussian_blur,
+    grayscale,
+    hsv_to_rgb,
+    rgb_to_hsv,
+    ssl_augmentation,
+)
+from mrl.batches.transforms import ImageTransform, build_transform
+from mrl.data.sources import load_splits
 
 
 def images(n=8, size=16, seed=0):

@@ -1,6 +1,6 @@
 """Bad input to each script's command line: a clear one-line message and exit status, and nothing lost.
 
-The scripts run in-process here (`cli.run(main, args)`, exactly what their `__main__` does), which is faster
+The scripts run in-process here (`mrl.utils.script.run(main, args)`, exactly what their `__main__` does), which is faster
 than a subprocess per case; tests/test_train_supervised.py checks the same on the real command line."""
 
 import io
@@ -9,12 +9,13 @@ import json
 import datasets
 import pytest
 from PIL import Image
+from test_data import make_image_folder
 
 import evaluate
 import train_ssl
 import train_supervised
-from mrl import cli
-from test_data import make_image_folder
+from mrl.report.tracking import wandb_configured
+from mrl.utils import script as entry_point
 
 FAST = {"train_supervised.py": ["--image_size", "8", "--batch_size", "16", "--grad_accum_steps", "1", "--epochs", "1",
                                 "--num_workers", "0", "--report_to", "none", "--model", "resnet18"],
@@ -29,7 +30,7 @@ def run(script, *argv):
     module = MODULES[script]
     with pytest.raises(SystemExit) as exit_info:
         args = module.get_args_parser().parse_args([str(a) for a in argv])
-        cli.run(module.main, args)
+        entry_point.run(module.main, args)
         raise SystemExit(0)
     code = exit_info.value.code
     return (1, code) if isinstance(code, str) else (code, "")
@@ -150,7 +151,7 @@ def test_wandb_without_a_login_is_one_line_before_any_work(script, tmp_path, mon
     assert code == 1 and message.startswith("error: --report_to wandb, but W&B is not logged in")
     assert "wandb login" in message and "WANDB_MODE=offline" in message and not (tmp_path / "out").exists()
     (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
-    assert cli.wandb_configured()  # what `wandb login` saves is recognized
+    assert wandb_configured()  # what `wandb login` saves is recognized
 
 
 @pytest.mark.parametrize("script", TRAINING)

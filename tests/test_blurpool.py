@@ -5,8 +5,8 @@ import torch.nn.functional as F
 import torchvision
 
 from mrl import UserError
-from mrl.checkpoint import build_model
-from mrl.models import BlurPoolConv2d, apply_blurpool, build_backbone
+from mrl.models.backbones import BlurPoolConv2d, apply_blurpool, build_backbone
+from mrl.run_folder.final_model import build_model
 
 # The convs FFCV's rule wraps in torchvision's ResNets (stride > 1 and >= 16 input channels): each later stage's
 # first strided conv and its 1x1 downsample; never the stem's 3-channel conv1.

@@ -6,9 +6,11 @@ import torch
 from accelerate import Accelerator
 
 from mrl import UserError
-from mrl.checkpoint import (TrainState, list_checkpoints, load_model, resolve_checkpoint, save_checkpoint,
-                            save_model)
-from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone
+from mrl.matryoshka import MatryoshkaClassifier, MatryoshkaHeads
+from mrl.models.backbones import build_backbone
+from mrl.run_folder.final_model import load_model, save_model
+from mrl.run_folder.layout import list_checkpoints
+from mrl.train.checkpoint import TrainState, resolve_checkpoint, save_checkpoint
 
 CONFIG = {"kind": "supervised", "model": {"backbone": "resnet18", "embed_dim": 512, "cifar_stem": True},
           "heads": {"dims": [8, 64, 512], "num_classes": 4, "tied": True},

@@ -8,16 +8,18 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import DIGITS_FAST, run_script
 from safetensors.torch import load_file, save_file
 
 import evaluate
-from conftest import DIGITS_FAST, run_script
-from mrl import UserError, eval_report, plots
-from mrl.checkpoint import load_model
-from mrl.data import load_splits
-from mrl.eval_report import comparison
-from mrl.features import extract
-from mrl.transforms import ImageTransform, build_transform
+from mrl import UserError
+from mrl.batches.transforms import ImageTransform, build_transform
+from mrl.data.sources import load_splits
+from mrl.eval import results as eval_report
+from mrl.eval.features import extract
+from mrl.eval.results import comparison
+from mrl.report import plots
+from mrl.run_folder.final_model import load_model
 
 pytestmark = pytest.mark.xdist_group("test_compare_runs")
 

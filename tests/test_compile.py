@@ -17,12 +17,12 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, run_script
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, run_script
-from mrl.checkpoint import list_checkpoints
-from mrl.guards import PREEMPTED_MARKER
 from mrl.pretrained import MatryoshkaEncoder
+from mrl.run_folder.layout import list_checkpoints
+from mrl.train.guards import PREEMPTED_MARKER
 
 ACCELERATE = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "-q", "--cpu", "--num_processes",
               "1", "--dynamo_backend", "aot_eager"]
@@ -69,7 +69,7 @@ def test_two_compiled_processes_stop_at_a_checkpoint_and_resume_from_it(tmp_path
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_DYNAMO_BACKEND="eager")
     out = tmp_path / "out"
     with open(tmp_path / "stderr", "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "mrl.supervise", sys.executable, "-m",
+        process = subprocess.Popen([sys.executable, "-m", "mrl.train.supervise", sys.executable, "-m",
                                     "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                     str(ROOT / "train_ssl.py"), *map(str, SSL), "--output_dir", str(out)],
                                    cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,

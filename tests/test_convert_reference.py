@@ -1,4 +1,4 @@
-"""mrl.convert_reference on state dicts laid out exactly as RAIVNLab/MRL saves them: a DDP-wrapped torchvision
+"""mrl.hub.convert_reference on state dicts laid out exactly as RAIVNLab/MRL saves them: a DDP-wrapped torchvision
 ResNet-50 (`module.` keys), BlurPool's `<conv>.conv.weight` + `<conv>.blur_filter`, and their heads' module names.
 Their modules and forwards are restated here in a few lines, from their MRL.py, utils.py and train_imagenet.py."""
 
@@ -10,11 +10,14 @@ import torchvision
 import torchvision.transforms as T
 from safetensors.torch import load_file
 
-from mrl import UserError, cli
-from mrl.checkpoint import MODEL_FILE, load_model, read_config
-from mrl.convert_reference import get_args_parser, load_backbone, load_heads, main
-from mrl.convert_reference import convert as convert_checkpoint
+from mrl import UserError
+from mrl.hub.convert_reference import convert as convert_checkpoint
+from mrl.hub.convert_reference import get_args_parser, load_backbone, load_heads, main
 from mrl.pretrained import MatryoshkaEncoder
+from mrl.run_folder.config import read_config
+from mrl.run_folder.final_model import load_model
+from mrl.run_folder.layout import MODEL_FILE
+from mrl.utils import script
 
 pytestmark = pytest.mark.xdist_group("test_convert_reference")  # one worker builds the module's ResNet-50s
 NESTING = [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
@@ -135,7 +138,7 @@ def test_every_head_variant_computes_their_logits(variant, given, k, dims):
 def test_converted_folder_loads_as_a_model_with_the_reference_preprocessing(resnet50s, tmp_path, capsys):
     fc, _ = their_head("mrl")
     save_theirs(resnet50s[True], fc, tmp_path / "final_weights.pt")
-    cli.run(main, get_args_parser().parse_args([str(tmp_path / "final_weights.pt"), str(tmp_path / "run")]))
+    script.run(main, get_args_parser().parse_args([str(tmp_path / "final_weights.pt"), str(tmp_path / "run")]))
     assert "mrl ResNet-50 with BlurPool, heads at dims [8, 16" in capsys.readouterr().out
     config = read_config(str(tmp_path / "run"))
     assert config["data"]["splits"]["dataset"] == "imagenet" and config["data"]["splits"]["test_fraction"] == 0.0
@@ -187,8 +190,8 @@ def test_other_files_are_one_line(tmp_path):
     with pytest.raises(UserError, match="not a torchvision ResNet-50.*missing.*another shape"):
         convert_checkpoint(str(tmp_path / "r18.pt"), str(tmp_path / "out"))
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    with pytest.raises(SystemExit) as ended:  # as `python -m mrl.convert_reference notes.pt out` ends
-        cli.run(main, get_args_parser().parse_args([str(tmp_path / "notes.pt"), str(tmp_path / "out")]))
+    with pytest.raises(SystemExit) as ended:  # as `python -m mrl.hub.convert_reference notes.pt out` ends
+        script.run(main, get_args_parser().parse_args([str(tmp_path / "notes.pt"), str(tmp_path / "out")]))
     message = str(ended.value.code)
     assert message.startswith("error: ") and "is not a PyTorch checkpoint" in message and "\n" not in message
     assert not (tmp_path / "out").exists()

@@ -8,9 +8,17 @@ import torch
 from PIL import Image
 
 from mrl import UserError
-from mrl.data import PRESETS, load_splits
-from mrl.transforms import (Collate, FillUnreadable, ImageTransform, attach_transforms, build_transform, open_image,
-                            sample_seed)
+from mrl.batches.decode import open_image
+from mrl.batches.transforms import (
+    Collate,
+    FillUnreadable,
+    ImageTransform,
+    attach_transforms,
+    build_transform,
+    sample_seed,
+)
+from mrl.data.presets import PRESETS
+from mrl.data.sources import load_splits
 
 
 def test_digits_splits_are_stratified_seeded_and_disjoint():

@@ -1,4 +1,4 @@
-"""mrl.decode (TorchCodec in the workers, PIL for what it cannot read) and mrl.device_decode (--decode_on_device), on
+"""mrl.batches.decode (TorchCodec in the workers, PIL for what it cannot read) and mrl.batches.device_decode (--decode_on_device), on
 scikit-learn's two real photos and the kinds of file ImageNet holds besides plain JPEGs."""
 
 import io
@@ -13,11 +13,11 @@ import torch
 from accelerate.utils import send_to_device
 from PIL import Image
 
-import mrl.decode
+import mrl.batches.decode
 from mrl import UserError
-from mrl.decode import is_plain_jpeg, open_header, open_image, resolve_decoder, torchcodec_decode_jpeg
-from mrl.device_decode import EncodedCollate, EncodeTransform, decode_batch
-from mrl.transforms import Collate, FillUnreadable, ImageTransform, build_transform
+from mrl.batches.decode import is_plain_jpeg, open_header, open_image, resolve_decoder, torchcodec_decode_jpeg
+from mrl.batches.device_decode import EncodedCollate, EncodeTransform, decode_batch
+from mrl.batches.transforms import Collate, FillUnreadable, ImageTransform, build_transform
 
 PHOTOS = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
 MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # pixels in [0, 1]: differences read as fractions of 255 levels
@@ -43,7 +43,7 @@ def hard_cases(tmp_path):
     (orientation 6: 90 degrees), a truncated JPEG, a file that is no image."""
     china, flower = small_photo("china.jpg"), small_photo("flower.jpg")
     exif = flower.getexif()
-    exif[mrl.decode.EXIF_ORIENTATION] = 6
+    exif[mrl.batches.decode.EXIF_ORIENTATION] = 6
     png_path = tmp_path / "n02105855_2933.JPEG"
     png_path.write_bytes(encode(china, format="PNG"))
     truncated = encode(flower, format="JPEG", quality=90)
@@ -80,8 +80,8 @@ def count_torchcodec(monkeypatch):
         calls.append(len(source) if isinstance(source, list) else 1)
         return decode_jpeg(source, **kwargs)
 
-    monkeypatch.setattr(mrl.decode, "torchcodec_decode_jpeg", lambda: counting)
-    monkeypatch.setattr(mrl.device_decode, "torchcodec_decode_jpeg", lambda: counting)
+    monkeypatch.setattr(mrl.batches.decode, "torchcodec_decode_jpeg", lambda: counting)
+    monkeypatch.setattr(mrl.batches.device_decode, "torchcodec_decode_jpeg", lambda: counting)
     return calls
 
 
@@ -96,7 +96,7 @@ def test_torchcodec_decodes_real_photos_as_pil_does(count_torchcodec):
 
 def test_what_torchcodec_is_not_given_goes_to_pil_with_the_same_result(tmp_path, count_torchcodec):
     cells = hard_cases(tmp_path)
-    plain = {name: is_plain_jpeg(open_header(mrl.decode.read_bytes(cell)), mrl.decode.read_bytes(cell))
+    plain = {name: is_plain_jpeg(open_header(mrl.batches.decode.read_bytes(cell)), mrl.batches.decode.read_bytes(cell))
              for name, cell in cells.items() if name != "junk"}
     assert plain == {"plain": True, "plain2": True, "gray": True, "cmyk": False, "png": False, "rotated": False,
                      "truncated": False}
@@ -117,7 +117,7 @@ def test_decoder_choice_and_fallback_without_torchcodec(monkeypatch):
     assert resolve_decoder("torchcodec") == "torchcodec" and resolve_decoder("pil") == "pil"
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # `import torchcodec.decoders` fails
     assert torchcodec_decode_jpeg.__wrapped__() is None
-    monkeypatch.setattr(mrl.decode, "torchcodec_decode_jpeg", lambda: None)
+    monkeypatch.setattr(mrl.batches.decode, "torchcodec_decode_jpeg", lambda: None)
     with pytest.warns(UserWarning, match="decoding with PIL instead"):
         assert resolve_decoder("torchcodec") == "pil"
     with pytest.warns(UserWarning):

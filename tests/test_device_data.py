@@ -1,4 +1,4 @@
-"""--data_on_device (mrl/device_data.py): the batches, views and resume of the DataLoader path, without workers.
+"""--data_on_device (mrl/batches/device_data.py): the batches, views and resume of the DataLoader path, without workers.
 
 On real tiny data (scikit-learn's digits at 8 px): the device batches are exactly what Accelerate's prepared
 DataLoader gives each process (every sample once per epoch, unreadable images left out), the decoded-image cache is
@@ -16,15 +16,16 @@ import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader
 from accelerate.state import AcceleratorState, GradientState
+from conftest import folder_with_unreadable_images, run_script
 from safetensors.torch import load_file
 
 import train_ssl
-from conftest import folder_with_unreadable_images, run_script
-from mrl import loop
-from mrl.data import PRESETS, load_splits
-from mrl.device_data import CACHE_FOLDER, DeviceLoader, cached_decode, decode_transform, decoded_cache_key
-from mrl.ssl_augment import BatchAugment, batch_seed
-from mrl.transforms import Collate, FillUnreadable, ImageTransform
+from mrl.batches.device_data import CACHE_FOLDER, DeviceLoader, cached_decode, decode_transform, decoded_cache_key
+from mrl.batches.ssl_augment import BatchAugment, batch_seed
+from mrl.batches.transforms import Collate, FillUnreadable, ImageTransform
+from mrl.data.presets import PRESETS
+from mrl.data.sources import load_splits
+from mrl.train import loop
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
 pytestmark = pytest.mark.xdist_group("test_device_data")

@@ -8,13 +8,13 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from conftest import DIGITS_FAST, folder_with_unreadable_images, run_script
-from mrl.checkpoint import load_model
-from mrl.data import load_splits
-from mrl.run import build_accelerator
-from mrl.transforms import Collate, attach_transforms
 from wandb_history import history, run_dirs
+
+from mrl.batches.transforms import Collate, attach_transforms
+from mrl.data.sources import load_splits
+from mrl.run_folder.final_model import load_model
+from mrl.train.run import build_accelerator
 
 # GroupNorm: no statistics over the batch, so 2 processes of 16 images compute what 1 process of 32 computes (up to
 # the order of floating-point sums). 256 training images: 4 optimizer steps per epoch. 179 validation and test
@@ -93,7 +93,7 @@ def _with_launcher_env(rank, port, worker, args):
 def preemption_worker(rank, results):
     from types import SimpleNamespace
 
-    from mrl.guards import Preemption
+    from mrl.train.guards import Preemption
 
     args = SimpleNamespace(grad_accum_steps=1, report_to="none", seed=0, batch_size=2)
     accelerator = build_accelerator(args)
@@ -124,9 +124,8 @@ def test_preemption_flags_agree_across_processes_one_step_late_through_host_memo
 
 
 def compile_worker(rank, out, results):
-    from mrl.checkpoint import save_model
-    from mrl.distributed import make_accelerator
-    from mrl.distributed import unwrap
+    from mrl.run_folder.final_model import save_model
+    from mrl.utils.distributed import make_accelerator, unwrap
 
     accelerator = make_accelerator(dynamo_backend="eager", gradient_accumulation_steps=2)
     torch.manual_seed(0)
@@ -153,7 +152,7 @@ def test_unwrapping_a_compiled_ddp_model_keeps_it_intact_and_saves_bare_keys(tmp
         seen = results[f"rank{rank}"]
         assert seen["prepared"] == ("OptimizedModule", "DistributedDataParallel") and seen["bare_is_model"]
         assert seen["still_ddp"] == "DistributedDataParallel" and seen["no_sync"]
-        assert results[f"default{rank}"] == "Sequential"  # why mrl.distributed.unwrap never uses that default
+        assert results[f"default{rank}"] == "Sequential"  # why mrl.utils.distributed.unwrap never uses that default
     assert sorted(load_file(tmp_path / "model.safetensors")) == ["0.bias", "0.weight", "2.bias", "2.weight"]
 
 

@@ -3,7 +3,7 @@
 - every relative link and image points at a file of the repo, and a #fragment at a heading of that file (GitHub's
   anchors);
 - every command line in a code block or an inline code span that runs one of our scripts (`python`, `accelerate
-  launch`, `torchrun`, `sbatch examples/slurm.sh`, `python -m mrl.supervise ...` around any of them) names only flags
+  launch`, `torchrun`, `sbatch examples/slurm.sh`, `python -m mrl.train.supervise ...` around any of them) names only flags
   of that script's parser; the launcher's own flags, before the script's name, are the launcher's business;
 - every other `--flag` the docs mention is a flag of one of our parsers, or of the two launchers (accelerate launch,
   torchrun) where the docs talk about theirs;
@@ -27,9 +27,9 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 250
 
-# `python -m <module>` commands with a parser of their own; mrl.supervise wraps a launch command (its script is checked)
-MODULES = {"mrl.workspace": "mrl/workspace.py", "mrl.convert_reference": "mrl/convert_reference.py"}
-WRAPPERS = {"mrl.supervise"}
+# `python -m <module>` commands with a parser of their own; mrl.train.supervise wraps a launch command (its script is checked)
+MODULES = {"mrl.report.workspace": "mrl/report/workspace.py", "mrl.hub.convert_reference": "mrl/hub/convert_reference.py"}
+WRAPPERS = {"mrl.train.supervise"}
 # Programs whose own flags the docs may pass without running a script of ours (pip's --index-url, pytest's -n ...)
 FOREIGN = {"pip", "pip3", "hf", "wandb", "git", "sbatch", "srun", "bash", "sh", "timeout", "accelerate", "torchrun",
            "python", "python3", "cd", "export", "ls", "cat"}
@@ -282,7 +282,7 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
         "# A page\n\n## `train_ssl.py`: the W&B bits\n\n"
         "[ok](#train_sslpy-the-wb-bits) [ok](page.md#a-page) [broken](missing.md) [anchor](#no-such-heading)\n\n"
         "```bash\n"
-        "python -m mrl.supervise torchrun --nproc_per_node 2 train_ssl.py --method vicreg --sim_coeff 25 \\\n"
+        "python -m mrl.train.supervise torchrun --nproc_per_node 2 train_ssl.py --method vicreg --sim_coeff 25 \\\n"
         "    --made_up_flag 1\n"
         "python evaluate.py --checkpoint runs/x --tied   # a train_supervised.py flag\n"
         "python -m pytest -q -n 0 --whatever\n"

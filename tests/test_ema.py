@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mrl.ema import EMA
-from mrl.schedules import cosine_schedule
+from mrl.ssl.ema import EMA
+from mrl.train.schedules import cosine_schedule
 
 
 def online_net():

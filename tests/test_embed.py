@@ -6,19 +6,19 @@ import os
 import subprocess
 import sys
 
+import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 from PIL import Image
 
-import datasets
 import embed
-from conftest import ROOT
-from mrl import cli
-from mrl.data import digits_dataset, load_splits
+from mrl.data.sources import digits_dataset, load_splits
 from mrl.pretrained import MatryoshkaEncoder
+from mrl.utils import script
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
 pytestmark = pytest.mark.xdist_group("test_embed")
@@ -52,7 +52,7 @@ def folder(tmp_path_factory):
 
 def embed_cli(*argv):
     """embed.py in this process, as its __main__ runs it (UserError -> SystemExit with the one-line message)."""
-    cli.run(embed.main, embed.get_args_parser().parse_args([str(a) for a in argv]))
+    script.run(embed.main, embed.get_args_parser().parse_args([str(a) for a in argv]))
 
 
 def search_results(stdout):

@@ -8,11 +8,12 @@ from accelerate import Accelerator
 from sklearn.datasets import load_digits
 
 import evaluate
-from mrl.data import load_splits
-from mrl.features import FeatureWriter, load_or_extract, pca, read_cache
-from mrl.probe import sklearn_probe, stratified_subset, torch_probe
-from mrl.retrieval import nearest_neighbors, neighbor_metrics, normalized_prefix, prefix_neighbors
-from mrl.transforms import ImageTransform, build_transform
+from mrl.batches.transforms import ImageTransform, build_transform
+from mrl.data.sources import load_splits
+from mrl.eval.features import FeatureWriter, load_or_extract, pca, read_cache
+from mrl.eval.probe import sklearn_probe, stratified_subset, torch_probe
+from mrl.eval.protocols import protocols
+from mrl.eval.retrieval import nearest_neighbors, neighbor_metrics, normalized_prefix, prefix_neighbors
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def test_probes_fit_on_the_stated_subset(digits):
     seed = sklearn_probe(train, y, test, y_test, [8], max_train_samples=300)[0]
     assert seed.train_samples == 300
     args = evaluate.get_args_parser().parse_args(["--checkpoint", "x", "--probe_max_train_samples", "300"])
-    assert "stratified random subset of at most 300 train images" in evaluate.protocols(args)["probe"]
+    assert "stratified random subset of at most 300 train images" in protocols(args)["probe"]
 
 
 def test_pca_fitted_on_a_sample_and_applied_in_chunks(digits):

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import DIGITS_FAST, run_script
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from wandb_history import history, records
 
 import evaluate
-from conftest import DIGITS_FAST, run_script
 from mrl import UserError
-from mrl.checkpoint import load_model
-from mrl.data import load_splits
-from mrl.features import extract, read_cache
-from mrl.retrieval_grid import evaluation_grid, split_thumbnails
-from mrl.transforms import ImageTransform, build_transform
-from wandb_history import history, records
+from mrl.batches.transforms import ImageTransform, build_transform
+from mrl.data.sources import load_splits
+from mrl.eval.features import extract, read_cache
+from mrl.eval.retrieval_grid import evaluation_grid, split_thumbnails
+from mrl.run_folder.final_model import load_model
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
 pytestmark = pytest.mark.xdist_group("test_evaluate")

@@ -16,15 +16,16 @@ import torch
 import torch.nn as nn
 import torchvision
 import torchvision.transforms as T
-from safetensors.torch import save_file
-
-import evaluate
-import train_ssl
 from conftest import ROOT
-from mrl.checkpoint import load_model
-from mrl.data import load_splits
-from mrl.transforms import build_transform, open_image
+from safetensors.torch import save_file
 from test_train_ssl import IN_PROCESS, run_main
+
+import train_ssl
+from mrl.batches.decode import open_image
+from mrl.batches.transforms import build_transform
+from mrl.data.sources import load_splits
+from mrl.eval.runs import load_run
+from mrl.run_folder.final_model import load_model
 
 spec = importlib.util.spec_from_file_location("fidelity_ssl", ROOT / "benchmarks" / "fidelity_ssl.py")
 fidelity = importlib.util.module_from_spec(spec)
@@ -67,7 +68,7 @@ def test_seed_encoder_export_loads_in_evaluate_with_the_seeds_embeddings_and_inp
                               batch_size=32, lr=3e-4)
     fidelity.import_seed_encoder(args, 0, str(seed_folder), str(folder), "target")
 
-    backbone, heads, config = evaluate.load_run(str(folder), "cpu")
+    backbone, heads, config = load_run(str(folder), "cpu")
     assert heads is None and config["kind"] == "ssl" and config["model"]["cifar_stem"] is True
     assert config["data"]["mean"] == [0.0] * 3 and config["data"]["std"] == [1.0] * 3
     assert config["ssl"]["nest"] == "projector" and config["ssl"]["exported"] == "target"

@@ -10,11 +10,12 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import DIGITS_FAST, ROOT, run_script, session_processes, shared_run
-from mrl.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from safetensors.torch import load_file
 from wandb_history import history, run_dirs
+
+from mrl.train.guards import PREEMPTED_MARKER
+from mrl.utils.script import PREEMPTED_EXIT_CODE
 
 ARGS = [*DIGITS_FAST, "--epochs", 2, "--grad_accum_steps", 2, "--checkpointing_steps", 7, "--log_every", 1]
 # The preemption runs: 256 training images, 4 optimizer steps an epoch (8 in all), a checkpoint every 3 steps, so
@@ -39,7 +40,7 @@ def uninterrupted_two_processes(tmp_path_factory):
 ACCELERATE = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "-q", "--config_file",
               str(ROOT / "accelerate_configs" / "cpu.yaml")]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-SUPERVISE = [sys.executable, "-m", "mrl.supervise"]
+SUPERVISE = [sys.executable, "-m", "mrl.train.supervise"]
 # The launch forms the README documents for containers and schedulers (the process they wait on comes first), and
 # plain `accelerate launch`, whose training process must still follow its launcher's death.
 LAUNCHERS = {
@@ -163,7 +164,7 @@ def test_sigterm_to_the_launched_process_alone_and_sigusr1_save_before_it_exits(
 
 def test_plain_accelerate_launch_exits_at_once_and_its_training_process_still_saves(tmp_path):
     # Plain `accelerate launch` dies of SIGTERM at once without passing it on -- why the README runs it under
-    # mrl.supervise wherever something waits on the launcher. Its training process follows the launcher's death
+    # mrl.train.supervise wherever something waits on the launcher. Its training process follows the launcher's death
     # (PR_SET_PDEATHSIG) and still saves, which an interactive shell, tearing nothing down, lets it finish.
     code, stderr, left = preempt("accelerate", "launcher", signal.SIGTERM, tmp_path / "out", tmp_path,
                                  let_finish=True)
@@ -178,7 +179,7 @@ def test_ctrl_c_saves_like_a_preemption(tmp_path):
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
-    script = ("import time\nfrom mrl.guards import Preemption\nPreemption()\nprint('ready', flush=True)\n"
+    script = ("import time\nfrom mrl.train.guards import Preemption\nPreemption()\nprint('ready', flush=True)\n"
               "time.sleep(60)\n")
     process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)

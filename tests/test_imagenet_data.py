@@ -9,17 +9,18 @@ import shutil
 from collections import Counter
 from datetime import timedelta
 
+import datasets
 import httpx
 import pytest
 import torch
 import torchvision.transforms as T
 
-import datasets
 from mrl import UserError
-from mrl.data import load_splits
-from mrl.imagenet import synsets
-from mrl.streams import ShardedStream, StreamLoader, sample_index
-from mrl.transforms import ImageTransform, build_transform
+from mrl.batches.streams import StreamLoader
+from mrl.batches.transforms import ImageTransform, build_transform
+from mrl.data.imagenet import synsets
+from mrl.data.shards import ShardedStream, sample_index
+from mrl.data.sources import load_splits
 
 HALF = (0.5, 0.5, 0.5)
 
@@ -79,7 +80,7 @@ def test_the_three_sources_give_the_same_images_with_synset_index_labels(tiny_im
 def test_the_exif_orientation_is_applied(tiny_imagenet):
     from PIL import Image
 
-    from mrl.transforms import open_image
+    from mrl.batches.decode import open_image
 
     path = next(tiny_imagenet.folder.glob(f"train/{tiny_imagenet.synsets[3]}/*_00.JPEG"))
     stored = Image.open(path).size
@@ -239,8 +240,8 @@ def test_bad_shards_and_labels_give_one_clear_line(tiny_imagenet, tmp_path):
     shard.write_bytes(shard.read_bytes()[:5000])
     assert "imagenet-train-0002.tar" in one_line(shards, "truncated")
 
-    import tarfile
     import io
+    import tarfile
 
     shards = copy(tiny_imagenet, "uneven", tmp_path)
     with tarfile.open(shards / "imagenet-train-0001.tar", "a") as tar:
@@ -262,7 +263,7 @@ def test_bad_shards_and_labels_give_one_clear_line(tiny_imagenet, tmp_path):
 def test_the_gated_hub_dataset_says_what_to_do(monkeypatch, status, advice):
     from huggingface_hub.errors import GatedRepoError
 
-    import mrl.data
+    from mrl.utils import hub_access
 
     def gated(*args, **kwargs):  # what datasets raises for ILSVRC/imagenet-1k without a token or without the terms
         response = httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/api/datasets/x"))
@@ -271,7 +272,7 @@ def test_the_gated_hub_dataset_says_what_to_do(monkeypatch, status, advice):
         except GatedRepoError as e:
             raise datasets.exceptions.DatasetNotFoundError("Dataset 'ILSVRC/imagenet-1k' is a gated dataset") from e
 
-    monkeypatch.setattr(mrl.data, "_check_hub_reachable", lambda repo: None)
+    monkeypatch.setattr(hub_access, "require_hub", lambda what, hint=None: None)
     monkeypatch.setattr(datasets, "load_dataset", gated)
     with pytest.raises(UserError, match=advice.replace("(", r"\(").replace(")", r"\)")) as error:
         load_splits("imagenet")
@@ -307,7 +308,7 @@ def test_shards_that_do_not_divide_over_the_workers_are_said_once(tiny_imagenet)
 
 
 def test_an_info_file_gives_the_shard_counts_without_reading_the_shards(tiny_imagenet, tmp_path):
-    from mrl.streams import shard_counts
+    from mrl.data.shards import shard_counts
 
     shards = copy(tiny_imagenet, "uneven", tmp_path)
     names = [f"imagenet-train-{i:04d}.tar" for i in range(3)]

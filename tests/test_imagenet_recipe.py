@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import DIGITS_FAST, run_script
 from test_recipe import reference_lr_per_step, reference_resolution
 from wandb_history import history, run_dirs

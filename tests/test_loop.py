@@ -1,4 +1,4 @@
-"""The training-loop bookkeeping of mrl/loop.py against a plain PyTorch loop."""
+"""The training-loop bookkeeping of mrl/train/loop.py against a plain PyTorch loop."""
 
 import pytest
 import torch
@@ -6,9 +6,8 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from mrl.loop import accumulation_scale, training_step
-from mrl.losses import per_head_cross_entropy
-from mrl.models import MatryoshkaClassifier, MatryoshkaHeads
+from mrl.matryoshka import MatryoshkaClassifier, MatryoshkaHeads, per_head_cross_entropy
+from mrl.train.loop import accumulation_scale, training_step
 
 
 @pytest.fixture

@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mrl import UserError
-from mrl.losses import MatryoshkaLoss, dim_weights, per_head_cross_entropy
-from mrl.models import MatryoshkaHeads
+from mrl.matryoshka import MatryoshkaHeads, MatryoshkaLoss, dim_weights, per_head_cross_entropy
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Every registered self-supervised method (mrl/methods.py), tested by being registered: a finite loss and
+"""Every registered self-supervised method (mrl/ssl/methods.py), tested by being registered: a finite loss and
 gradients, a Matryoshka loss at dim d blind to z[:, d:], the same loss and gradients on 2 gloo processes as on 1 (a
 method that forgets to gather its global-batch statistics fails that), and a one-epoch digits run that saves,
 evaluates and resumes exactly. The command line: a method's flags get its defaults and are refused with another."""
@@ -15,15 +15,15 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
+from test_train_ssl import run_main
 
 import evaluate
 import train_ssl
-from mrl import losses, methods
-from mrl.checkpoint import load_model
-from mrl.methods import METHODS
-from mrl.projectors import Projector
-from mrl.ssl_model import SSLModel
-from test_train_ssl import run_main
+from mrl.run_folder.final_model import load_model
+from mrl.ssl import losses, methods
+from mrl.ssl.methods import METHODS
+from mrl.ssl.model import SSLModel
+from mrl.ssl.projectors import Projector
 
 GLOBAL_BATCH, WORLD, DIMS = 8, 2, [4, 8, 16]
 pytestmark = pytest.mark.xdist_group("test_methods")  # the 2-process results are computed once (a module fixture)
@@ -76,7 +76,9 @@ def loss_and_gradients(model, v1, v2):
 def test_loss_and_gradients_are_finite_and_reach_every_trained_parameter(name):
     model = build(name, batchnorm=True)
     loss, grads = loss_and_gradients(model, *views())
-    assert torch.isfinite(loss) and loss > 0
+    # finite and a scalar, whatever its sign: a negative-cosine loss (SimSiam's, BYOL's without the constant) is
+    # below zero; what matters is that it trains, which the gradients below check
+    assert loss.dim() == 0 and torch.isfinite(loss)
     for parameter_name, grad in grads.items():
         assert torch.isfinite(grad).all(), parameter_name
     # what trains: the backbone, the projector, the predictor and the learnable scalars

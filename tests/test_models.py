@@ -3,7 +3,8 @@ import torch
 import torch.nn as nn
 
 from mrl import UserError
-from mrl.models import CNN4, MatryoshkaClassifier, MatryoshkaHeads, build_backbone, check_dims, default_dims
+from mrl.matryoshka import MatryoshkaClassifier, MatryoshkaHeads, default_dims, training_dims
+from mrl.models.backbones import CNN4, build_backbone
 
 
 def test_cnn4_matches_the_blog_shapes_and_has_no_nonlinearity():
@@ -70,15 +71,16 @@ def test_unknown_model_lists_the_valid_ones():
 
 
 def test_dims_are_sorted_and_validated_and_repeats_refused():
-    assert check_dims([64, 8, 512, 16], 512) == [8, 16, 64, 512]
+    assert training_dims([[64, 8], [512, 16]], 512) == [8, 16, 64, 512]
     with pytest.raises(UserError, match="--dims lists 8 more than once"):
-        check_dims([64, 8, 512, 16, 8], 512)
+        training_dims([[64, 8, 512, 16, 8]], 512)
     with pytest.raises(UserError, match="1..512"):
-        check_dims([8, 1024], 512)
+        training_dims([[8, 1024]], 512)
     with pytest.raises(UserError, match="empty"):
-        check_dims([], 512)
+        training_dims([[]], 512)
     with pytest.warns(UserWarning, match="below the embedding dim"):
-        check_dims([8, 16], 512)
+        training_dims([[8, 16]], 512)
+    assert training_dims(None, 512) == default_dims(512)  # --dims not given
     assert default_dims(1024) == [8, 16, 32, 64, 128, 256, 512, 1024]
     assert default_dims(100) == [8, 16, 32, 64, 100]
 

@@ -1,4 +1,4 @@
-"""mrl.pretrained, mrl.publish and mrl.model_card on the digits run the training script wrote (the session's
+"""mrl.pretrained, mrl.train.publish and mrl.hub.model_card on the digits run the training script wrote (the session's
 `trained` run): loading, bit-identical save/load, encoding at every prefix, classifying with the heads, the model
 card, and the Hub push up to the network (the Hub is unreachable here, and the tests point it at a closed port
 anyway)."""
@@ -26,14 +26,17 @@ from safetensors.torch import load_file, save_file
 import evaluate
 import train_ssl
 import train_supervised
-from mrl import UserError, cli
-from mrl.checkpoint import load_model, save_checkpoint
-from mrl.data import load_splits
-from mrl.model_card import update_card_with_evaluation
-from mrl.models import build_backbone
-from mrl.pretrained import MatryoshkaEncoder, eval_transform
-from mrl.publish import checkpoint_pusher, publish_run
-from mrl.transforms import Collate, ImageTransform
+from mrl import UserError
+from mrl.batches.transforms import Collate, ImageTransform, eval_transform
+from mrl.data.sources import load_splits
+from mrl.hub.model_card import update_card_with_evaluation
+from mrl.models.backbones import build_backbone
+from mrl.pretrained import MatryoshkaEncoder
+from mrl.run_folder.final_model import load_model
+from mrl.train.checkpoint import save_checkpoint
+from mrl.train.publish import checkpoint_pusher, publish_run
+from mrl.train.run import resolve_run_args
+from mrl.utils import script
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
 pytestmark = pytest.mark.xdist_group("test_pretrained")
@@ -143,7 +146,7 @@ def test_encode_at_every_dim_is_the_renormalized_prefix_of_one_forward_pass(mode
     pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
                           for im in pil])  # uint8 (n, 3, 8, 8), already the model's size
     torch.testing.assert_close(model.encode(pixels, dim=64), prefixes[64], rtol=0, atol=1e-5)
-    with pytest.raises(UserError, match=r"dim must be an int in 1\.\.512"):
+    with pytest.raises(UserError, match=r"dim must lie in 1\.\.512"):
         model.encode(pil, dim=513)
 
 
@@ -204,7 +207,7 @@ def test_push_uploads_the_folder_save_pretrained_writes(run, model, monkeypatch,
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    monkeypatch.setattr("mrl.pretrained.hub_unreachable", lambda: None)
+    monkeypatch.setattr("mrl.utils.hub_access.hub_unreachable", lambda: None)
     url = model.push_to_hub("someone/mrl-digits", private=True, commit_message="End of training")
     assert url.endswith("/commit/0") and calls["create"] == ("someone/mrl-digits", True, True)
     repo_id, uploaded, card, kwargs = calls["upload"]
@@ -221,8 +224,8 @@ def test_unreachable_hub_is_one_line_and_the_run_stays_intact(run, tmp_path, unr
     before = digests(copy)
     args = argparse.Namespace(output_dir=str(copy), push_to_hub=True, hub_model_id="someone/mrl-digits",
                               hub_private=False, hub_push_checkpoints=False)
-    with pytest.raises(SystemExit) as exit_:  # cli.run: what the training script's last line does with it
-        cli.run(lambda a: publish_run(a, Accelerator(cpu=True), "train_supervised.py"), args)
+    with pytest.raises(SystemExit) as exit_:  # script.run: what the training script's last line does with it
+        script.run(lambda a: publish_run(a, Accelerator(cpu=True), "train_supervised.py"), args)
     message = exit_.value.code
     assert message.startswith("error: cannot push to someone/mrl-digits: cannot reach the Hugging Face Hub at "
                               "127.0.0.1") and "\n" not in message
@@ -245,10 +248,10 @@ def test_hub_flags_are_checked_before_training(tmp_path, monkeypatch):
         assert (args.push_to_hub, args.hub_model_id, args.hub_private, args.hub_push_checkpoints) == (
             True, "someone/x", True, False)
         with pytest.raises(UserError, match="--hub_model_id, --hub_private need --push_to_hub"):
-            cli.resolve_run_args(parse("--hub_model_id", "someone/x", "--hub_private"), "x")
+            resolve_run_args(parse("--hub_model_id", "someone/x", "--hub_private"), "x")
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # not logged in
     with pytest.raises(UserError, match="--push_to_hub needs a Hugging Face token"):
-        cli.resolve_run_args(parse("--push_to_hub"), "x")
+        resolve_run_args(parse("--push_to_hub"), "x")
 
 
 def test_each_checkpoint_is_pushed_in_the_background_and_a_failure_does_not_stop_training(tmp_path, monkeypatch):
@@ -263,7 +266,7 @@ def test_each_checkpoint_is_pushed_in_the_background_and_a_failure_does_not_stop
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
                         lambda self, repo_id, **kw: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    monkeypatch.setattr("mrl.publish.hub_unreachable", lambda: None)
+    monkeypatch.setattr("mrl.utils.hub_access.hub_unreachable", lambda: None)
     output_dir = str(tmp_path / "out")
     args = argparse.Namespace(output_dir=output_dir, hub_model_id="someone/x", hub_private=False,
                               hub_push_checkpoints=True)
@@ -276,7 +279,7 @@ def test_each_checkpoint_is_pushed_in_the_background_and_a_failure_does_not_stop
     assert upload["path_in_repo"] == "checkpoints"
     # only the new checkpoint is sent, and the Hub's older ones are deleted in the same commit
     assert upload["allow_patterns"] == [f"{os.path.basename(first)}/*"] and upload["delete_patterns"] == ["*"]
-    monkeypatch.setattr("mrl.publish.hub_unreachable", lambda: "cannot reach the Hugging Face Hub at x")
+    monkeypatch.setattr("mrl.utils.hub_access.hub_unreachable", lambda: "cannot reach the Hugging Face Hub at x")
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         second = save_checkpoint(accelerator, output_dir, 14, keep=2, after_save=pusher)

@@ -13,18 +13,19 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import run_script
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_sample_image
 
-from conftest import run_script
 from mrl import UserError
-from mrl.checkpoint import load_model
-from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone
-from mrl.optim import parameter_groups
-from mrl.pretrained import MatryoshkaEncoder, eval_transform
-from mrl.pretrained_backbones import resolve_backbone, timm_preprocessing, torchvision_preprocessing
-from mrl.transforms import build_transform
+from mrl.batches.transforms import build_transform, eval_transform
+from mrl.matryoshka import MatryoshkaClassifier, MatryoshkaHeads
+from mrl.models.backbones import build_backbone
+from mrl.models.pretrained_backbones import resolve_backbone, timm_preprocessing, torchvision_preprocessing
+from mrl.pretrained import MatryoshkaEncoder
+from mrl.run_folder.final_model import load_model
+from mrl.train.optim import parameter_groups
 
 pytestmark = pytest.mark.xdist_group("pretrained_backbones")  # the module's runs are built once, on one worker
 
@@ -303,7 +304,7 @@ def test_bad_sources_are_one_line(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="without config.json"):
         resolve_backbone(str(tmp_path / "empty"), pretrained=True)
-    monkeypatch.setattr("mrl.pretrained.hub_unreachable", lambda timeout=5: "cannot reach the Hugging Face Hub (test)")
+    monkeypatch.setattr("mrl.utils.hub_access.hub_unreachable", lambda timeout=5: "cannot reach the Hugging Face Hub (test)")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UserError, match="cannot reach the Hugging Face Hub .test. and it is not in the local cache"):
         resolve_backbone("hf-hub:someone/some-model", pretrained=True)

@@ -7,8 +7,8 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from mrl.features import pca
-from mrl.probe import cascade, fit_logistic, sklearn_probe, standardize, stratified_split, torch_probe
+from mrl.eval.features import pca
+from mrl.eval.probe import cascade, fit_logistic, sklearn_probe, standardize, stratified_split, torch_probe
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
 pytestmark = pytest.mark.xdist_group("test_probe")

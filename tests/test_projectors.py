@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mrl.projectors import Projector, predictor
+from mrl.ssl.projectors import Projector, predictor
 
 
 def loss_at(projector, z, d):

@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrl.losses import dim_weights, per_head_cross_entropy
-from mrl.models import MatryoshkaClassifier, MatryoshkaHeads, build_backbone
-from mrl.optim import parameter_groups
-from mrl.recipes import fill_recipe
-from mrl.schedules import exponential_schedule, progressive_resolution, warmup_then
-
 import train_supervised
+from mrl.matryoshka import MatryoshkaClassifier, MatryoshkaHeads, dim_weights, per_head_cross_entropy
+from mrl.models.backbones import build_backbone
+from mrl.train.optim import parameter_groups
+from mrl.train.recipes import fill_recipe
+from mrl.train.schedules import exponential_schedule, progressive_resolution, warmup_then
 
 
 def reference_lr_per_step(lr, epochs, peak_epoch, iters):

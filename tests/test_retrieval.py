@@ -6,8 +6,18 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from mrl.retrieval import (HNSWIndex, adaptive_retrieval, exact_search, funnel_search, knn_predict, nearest_neighbors,
-                           neighbor_metrics, normalized_prefix, rerank_chunk_size, retrieval_metrics)
+from mrl.eval.retrieval import (
+    HNSWIndex,
+    adaptive_retrieval,
+    exact_search,
+    funnel_search,
+    knn_predict,
+    nearest_neighbors,
+    neighbor_metrics,
+    normalized_prefix,
+    rerank_chunk_size,
+    retrieval_metrics,
+)
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
 pytestmark = pytest.mark.xdist_group("test_retrieval")

@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_embed import embed_cli, folder, run, search_results  # noqa: F401, F811 (fixtures: the session's trained run, 12 digit images)
 
 import embed
-from mrl import plots
-from mrl.plots import Thumb
-from mrl.retrieval_grid import default_grid_dims, evaluation_grid, pick_queries, ranked_blocks, split_thumbnails
-from test_embed import embed_cli, search_results
-from test_embed import folder, run  # noqa: F401, F811 (fixtures: the session's trained run, 12 digit images)
+from mrl.eval.retrieval_grid import default_grid_dims, evaluation_grid, pick_queries, ranked_blocks, split_thumbnails
+from mrl.report import plots
+from mrl.report.plots import Thumb
 
 pytestmark = pytest.mark.xdist_group("test_embed")  # the same run and folder fixtures as test_embed.py
 
@@ -174,11 +173,11 @@ def test_embed_search_draws_its_results(run, folder, tmp_path, capsys):
 def test_thumbnails_come_from_the_split_without_its_transform():
     # an index embedded from a dataset names its rows by split and source row; the grid reads them back from the
     # splits embed.json records, here in another order than the splits'
+    import datasets
     import pyarrow as pa
 
-    import datasets
-    from mrl.data import load_splits
-    from mrl.transforms import ImageTransform
+    from mrl.batches.transforms import ImageTransform
+    from mrl.data.sources import load_splits
 
     splits = load_splits("digits")
     test, val = splits.test, splits.val

@@ -1,22 +1,22 @@
-"""The robustness evaluation (mrl/robustness.py, evaluate.py --robustness): ImageNet-1k heads on shifted test sets
+"""The robustness evaluation (mrl/eval/robustness.py, evaluate.py --robustness): ImageNet-1k heads on shifted test sets
 read from class folders, with ImageNet-A's 200-class restriction, on a run trained here."""
 
 import json
 
+import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from PIL import Image
 from sklearn.datasets import load_digits
 
-import datasets
 import evaluate
-from conftest import run_script
 from mrl import UserError
-from mrl.checkpoint import load_model
-from mrl.models import MatryoshkaHeads
-from mrl.robustness import class_subset, heads_top1, load_shifted, parse_paths, read_synsets, restricted_top1
-from mrl.transforms import build_transform
+from mrl.batches.transforms import build_transform
+from mrl.eval.robustness import class_subset, heads_top1, load_shifted, parse_paths, read_synsets, restricted_top1
+from mrl.matryoshka import MatryoshkaHeads
+from mrl.run_folder.final_model import load_model
 
 pytestmark = pytest.mark.xdist_group("test_robustness")
 

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-
-from mrl.losses import nt_xent_loss, relic_loss
 from test_methods import build, views
+
+from mrl.ssl.losses import nt_xent_loss, relic_loss
 
 
 def test_without_gathering_the_split_loss_would_be_another_objective():

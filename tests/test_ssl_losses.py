@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrl.losses import MatryoshkaLoss, byol_loss, nt_xent_loss, relic_loss
-from mrl.models import build_backbone
-from mrl.projectors import Projector
-from mrl.ssl_model import SSLModel
+from mrl.matryoshka import MatryoshkaLoss
+from mrl.models.backbones import build_backbone
+from mrl.ssl.losses import byol_loss, nt_xent_loss, relic_loss
+from mrl.ssl.model import SSLModel
+from mrl.ssl.projectors import Projector
 
 
 def direct_relic(x, y, log_t, alpha, max_t=5.0):
@@ -162,7 +163,7 @@ def test_ssl_model_loss_is_the_symmetrized_base_loss_on_projected_prefixes(metho
 def test_similarities_are_float32_where_accelerate_turned_tf32_on(monkeypatch):
     # Accelerate turns TF32 matrix products on for runs with a dynamo backend and no mixed precision; the losses'
     # similarities must stay float32 there (checked where they are computed), and the setting is restored after.
-    import mrl.losses as losses
+    import mrl.ssl.losses as losses
 
     seen = []
 

@@ -15,19 +15,22 @@ import pytest
 import torch
 import torch.nn as nn
 from accelerate.state import AcceleratorState, GradientState
+from conftest import run_script
 from PIL import Image
 from safetensors.torch import load_file
+from wandb_history import config as wandb_config
+from wandb_history import history, run_dirs
 
 import train_ssl
-from conftest import run_script
 from mrl import UserError
-from mrl.checkpoint import list_checkpoints, load_model
-from mrl.data import IMAGENET_STATS, load_splits
-from mrl.methods import METHODS
-from mrl.retrieval import neighbor_metrics
-from mrl.ssl_model import SSLModel, build_model
-from mrl.transforms import Collate, ImageTransform, build_transform
-from wandb_history import config as wandb_config, history, run_dirs
+from mrl.batches.transforms import Collate, ImageTransform, build_transform
+from mrl.data.presets import IMAGENET_STATS
+from mrl.data.sources import load_splits
+from mrl.eval.retrieval import neighbor_metrics
+from mrl.run_folder.final_model import load_model
+from mrl.run_folder.layout import list_checkpoints
+from mrl.ssl.methods import METHODS
+from mrl.ssl.model import SSLModel, build_model
 
 # its module fixtures are built once: all of its tests run on one pytest-xdist worker (pytest.ini)
 pytestmark = pytest.mark.xdist_group("test_train_ssl")
@@ -292,8 +295,8 @@ def test_defaults_are_mrl_pytorchs_and_its_flag_names_are_accepted():
 def test_sync_bn_synchronizes_every_batchnorm_of_the_model(method):
     # SyncBatchNorm runs on GPUs only, so this checks what --sync_bn builds: no BatchNorm left anywhere -- backbone,
     # projector, BYOL's predictor (which once stayed plain), the EMA target's copies
-    from mrl.models import build_backbone
-    from mrl.projectors import Projector
+    from mrl.models.backbones import build_backbone
+    from mrl.ssl.projectors import Projector
 
     args = train_ssl.get_args_parser().parse_args(["--method", method, "--proj_batchnorm", "on"])
     backbone = build_backbone("resnet18", 8)

@@ -7,15 +7,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import DIGITS_FAST, run_script
 from safetensors.torch import load_file
+from test_data import make_image_folder
+from wandb_history import history, run_dirs
 
 import train_supervised
-from conftest import DIGITS_FAST, run_script
-from test_data import make_image_folder
-from mrl.checkpoint import load_model
-from mrl.data import load_splits
-from mrl.transforms import Collate, attach_transforms
-from wandb_history import history, run_dirs
+from mrl.batches.transforms import Collate, attach_transforms
+from mrl.data.sources import load_splits
+from mrl.run_folder.final_model import load_model
 
 DIMS = [8, 16, 32, 64, 128, 256, 512]
 

@@ -14,11 +14,12 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, run_script, session_processes
-from mrl.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from safetensors.torch import load_file
 from wandb_history import history, run_dirs
+
+from mrl.train.guards import PREEMPTED_MARKER
+from mrl.utils.script import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.xdist_group("two_machines")
 
@@ -38,7 +39,7 @@ def free_port():
 
 
 def launch_two_machines(args, out, tmp_path, resume=False):
-    """Start machine 0 and machine 1, each `python -m mrl.supervise accelerate launch` with the multi-node config,
+    """Start machine 0 and machine 1, each `python -m mrl.train.supervise accelerate launch` with the multi-node config,
     as examples/slurm.sh starts each node's task. ACCELERATE_USE_CPU: the config's multi-GPU launch on CPUs (gloo);
     `--cpu` would instead start each machine as a separate single-process run."""
     port = free_port()
@@ -47,7 +48,7 @@ def launch_two_machines(args, out, tmp_path, resume=False):
     (tmp_path / "wandb").mkdir(exist_ok=True)
     machines = []
     for rank in (0, 1):
-        command = [sys.executable, "-m", "mrl.supervise", ACCELERATE, "launch", "-q",
+        command = [sys.executable, "-m", "mrl.train.supervise", ACCELERATE, "launch", "-q",
                    "--config_file", str(ROOT / "accelerate_configs" / "multi_node.yaml"), "--mixed_precision", "no",
                    "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
                    "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),

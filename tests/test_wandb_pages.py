@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
-
-import evaluate
 from conftest import DIGITS_FAST, ROOT, run_script
 from wandb_history import artifacts, config, history, records, run_dirs, run_record, summary
+
+import evaluate
 
 DIMS = [8, 16, 32, 64, 128, 256, 512]
 STAMP = r"\d{4}-\d{6}"  # the start time in default run names, MMDD-HHMMSS

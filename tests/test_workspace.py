@@ -1,20 +1,19 @@
-"""The saved W&B workspace view (mrl/workspace.py) against what real offline runs logged: a supervised run with top-5
+"""The saved W&B workspace view (mrl/report/workspace.py) against what real offline runs logged: a supervised run with top-5
 (the tiny ImageNet: 1,000 classes, an unreadable image), an SSL run and an evaluation of it, all at dims that are not
 the defaults. Everything up to the network: the view is built, serialized to the spec W&B stores
 and read back; only the save is replaced."""
 
-import json
 import os
 import re
 import subprocess
 import sys
 
 import pytest
-
-import mrl.workspace as workspace
 from conftest import ROOT, run_script
-from mrl import UserError
 from wandb_history import config, history, records, run_dirs
+
+import mrl.report.workspace as workspace
+from mrl import UserError
 
 # its module fixture is built once: all of its tests run on one pytest-xdist worker (pytest.ini)
 pytestmark = pytest.mark.xdist_group("test_workspace")
@@ -152,7 +151,7 @@ def test_the_command_saves_the_view_and_prints_its_address(monkeypatch, capsys):
 def test_without_a_login_the_command_says_so_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), WANDB_CONFIG_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-m", "mrl.workspace", "--entity", "team"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "mrl.report.workspace", "--entity", "team"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: W&B: ") and "API key" in result.stderr, result.stderr

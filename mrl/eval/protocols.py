@@ -1,0 +1,127 @@
+"""The evaluation protocols evaluate.py runs on one run's features, every number with what produced it: the linear
+probe and kNN / retrieval on each prefix, the PCA baseline, each head's own prediction, and the adaptive curves
+(classification that cascades over dims, retrieval that shortlists with a small prefix and re-ranks)."""
+
+import time
+
+import torch
+
+from mrl.eval.features import pca
+from mrl.eval.probe import cascade, sklearn_probe, torch_probe
+from mrl.eval.retrieval import adaptive_retrieval, neighbor_metrics
+
+
+def evaluate_run(args, features, eval_split, heads, dims, num_classes, device, log):
+    """Every metric of one checkpoint; returns the JSON-ready per-dim rows and adaptive curves."""
+    train_x, train_y = features["train"]
+    eval_x, eval_y = features[eval_split]
+    # The torch probe picks its L2 on the validation split; when that split is the evaluation set, it carves its
+    # own from train instead.
+    val_x, val_y = features["val"] if eval_split == "test" else (None, None)
+    rows = {d: {"dim": d} for d in dims}
+    timings = {}
+
+    def probe(x_train, x_val, x_eval, name):
+        say = lambda line: log(f"{name}: {line}")  # noqa: E731
+        if args.probe == "sklearn":
+            return sklearn_probe(x_train, train_y, x_eval, eval_y, dims, log=say,
+                                 max_train_samples=args.probe_max_train_samples, seed=args.seed)
+        return torch_probe(x_train, train_y, x_eval, eval_y, dims, num_classes, x_val, val_y, l2_grid=args.probe_l2,
+                           max_iter=args.probe_max_iter, seed=args.seed, device=device, log=say,
+                           max_train_samples=args.probe_max_train_samples)
+
+    def neighbors(x_train, x_eval):
+        return neighbor_metrics(x_train, train_y, x_eval, eval_y, dims, num_classes, args.knn_k,
+                                args.knn_temperature, args.retrieval_k, device)
+
+    def timed(name, title, work):  # one line per stage, as it ends
+        start = time.perf_counter()
+        result = work()
+        timings[name] = time.perf_counter() - start
+        log(f"{title} at {len(dims)} dims: {timings[name]:.1f} s")
+        return result
+
+    probes = timed("probe", "linear probe", lambda: probe(train_x, val_x, eval_x, "embedding"))
+    for p in probes:
+        rows[p.dim].update(probe=p.accuracy, probe_top5=topk_accuracy(p.probs, eval_y, 5), probe_l2=p.l2)
+    for r in timed("knn_retrieval", "kNN and retrieval", lambda: neighbors(train_x, eval_x)):
+        rows[r["dim"]].update({k: v for k, v in r.items() if k != "dim"})
+
+    if args.pca:
+        def pca_baseline():
+            pca_train, pca_eval, *pca_val = pca(train_x, eval_x, *([val_x] if val_x is not None else []),
+                                                 fit_samples=args.pca_fit_samples, seed=args.seed, device=device)
+            for p in probe(pca_train, pca_val[0] if pca_val else None, pca_eval, "PCA"):
+                rows[p.dim].update(pca_probe=p.accuracy, pca_probe_top5=topk_accuracy(p.probs, eval_y, 5))
+            for r in neighbors(pca_train, pca_eval):
+                rows[r["dim"]].update({f"pca_{k}": v for k, v in r.items() if k != "dim"})
+
+        timed("pca", "PCA baseline (fit, probe, kNN, retrieval)", pca_baseline)
+
+    adaptive = {"probe": cascade([p.probs for p in probes], dims, eval_y)}
+    if heads is not None:
+        # Each head's own prediction. The heads are linear maps of the embedding, so they run on the cached
+        # features (float32) instead of a second pass of the model.
+        with torch.no_grad():
+            head_logits = heads.to("cpu").float()(eval_x.float())  # (heads, n, classes)
+        head_accuracy = [(logits.argmax(-1) == eval_y).float().mean().item() for logits in head_logits]
+        for d, accuracy in zip(heads.dims, head_accuracy):
+            if d in rows:
+                rows[d]["head"] = accuracy
+        # the cascade runs over all of the model's heads, whichever dims the table shows
+        adaptive["heads"] = cascade([z.softmax(-1) for z in head_logits], heads.dims, eval_y)
+        adaptive["heads_fixed"] = {"dims": heads.dims, "accuracy": head_accuracy}
+        heads_result = {"dims": heads.dims, "top1": head_accuracy,
+                        "top5": [topk_accuracy(logits, eval_y, 5) for logits in head_logits]}
+
+    k = args.retrieval_k[0]
+    funnel = timed("adaptive_retrieval", "adaptive retrieval", lambda: adaptive_retrieval(
+        train_x, train_y, eval_x, eval_y, dims, eval_x.shape[1], args.shortlist, k, device=device, index=args.index))
+    return {"dims": dims, "per_dim": [rows[d] for d in sorted(rows)], "adaptive_classification": adaptive,
+            "adaptive_retrieval": funnel, "seconds": timings,
+            "n": {"train": len(train_x), "val": len(features["val"][0]), "eval": len(eval_x),
+                  "probe_train": probes[0].train_samples,
+                  "pca_fit": min(len(train_x), args.pca_fit_samples or len(train_x))},
+            **({"heads": heads_result} if heads is not None else {})}
+
+
+def topk_accuracy(scores, labels, k):
+    """Fraction of rows whose label is among their k highest scores (all of them when there are fewer classes)."""
+    top = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+    return (top == labels[:, None]).any(-1).float().mean().item()
+
+
+def protocols(args):
+    """What produced each number (written next to the results, so that no number is read without it)."""
+    k = args.retrieval_k
+    probe = ("offline linear probe on frozen features: multinomial logistic regression (torch, L-BFGS) on "
+             f"standardized features, L2 in {args.probe_l2} picked by validation cross-entropy"
+             if args.probe == "torch" else
+             "offline linear probe, the seed's protocol: StandardScaler + CalibratedClassifierCV("
+             "LogisticRegression(max_iter=100)), fitted on train")
+    if args.probe_max_train_samples:
+        probe += (f"; fitted on a stratified random subset of at most {args.probe_max_train_samples} train images "
+                  "(n.probe_train: how many)")
+    described = {
+        "probe": probe,
+        "knn": f"weighted kNN top-1 (k={args.knn_k}, T={args.knn_temperature}, cosine on the L2-renormalized prefix; "
+               "bank: train split)",
+        "retrieval": f"queries: evaluation split, database: train split, relevant = same label; precision@k and "
+                     f"mAP@k for k in {k} (AP@k divided by min(k, relevant items); map_mrl@k divides by k as the "
+                     "MRL paper's code does); top1 = 1-NN accuracy",
+        "pca": "PCA of the full train embedding reduced to d, then the same probe / kNN / retrieval"
+               + (f"; mean and axes fitted on at most {args.pca_fit_samples} random train images (n.pca_fit)"
+                  if args.pca_fit_samples else ""),
+        "head": "each Matryoshka head's own prediction (no probe; supervised runs only)",
+        "adaptive_classification": "cascade from the smallest dim up, stop when the max softmax probability "
+                                   "reaches the threshold; accuracy vs expected dims (heads, and the probes)",
+        "adaptive_retrieval": f"shortlist {args.shortlist} by the d_s prefix, re-rank by the full embedding; "
+                              f"wall-clock per query ({'faiss HNSW' if args.index == 'hnsw' else 'exact torch'} "
+                              "search on this machine, median of 3 runs over up to 2000 queries) vs full-dim search "
+                              "with the same kind of index",
+    }
+    if args.robustness:
+        described["robustness"] = ("each head's own top-1 on distribution-shifted ImageNet test sets, with the run's "
+                                   "evaluation preprocessing; on ImageNet-A and -R (200 classes) the argmax runs over "
+                                   "those 200 classes' logits only")
+    return {name: text for name, text in described.items() if name != "pca" or args.pca}
