@@ -1,5 +1,6 @@
-"""Users keep their runs: SSL run folders written by the code before the method registry (commit PREVIOUS, the last
-one before mrl/methods.py and mrl/ssl_model.py) load, evaluate and resume with today's code.
+"""Users keep their runs: run folders written by earlier versions load, evaluate and resume with today's code --
+SSL runs of the code before the method registry (commit PREVIOUS, the last one before mrl/ssl/methods.py and
+mrl/ssl/model.py), and supervised runs of the code before mrl/ became packages (FLAT, the last flat mrl/).
 
 The previous version is taken from the repository's own history (`git archive`) and run as it was, so the run
 folders are really written by it: a ReLIC run (EMA target, the learnable `log_temperature`) and a BYOL run (the
@@ -17,13 +18,14 @@ import tarfile
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, run_script
+from safetensors.torch import load_file
 from test_train_ssl import run_main
-from mrl.checkpoint import load_model
+
+from mrl.run_folder.final_model import load_model
 
 PREVIOUS = "663f805"
+FLAT = "35a8b2e"
 # 48 digits images in batches of 16: 3 optimizer steps, a checkpoint after the second (mid-epoch)
 ARGS = ["--dataset", "digits", "--image_size", "8", "--num_workers", "0", "--batch_size", "16",
         "--max_train_samples", "48", "--knn_every", "0", "--knn_bank_samples", "100", "--epochs", "1",
@@ -32,15 +34,20 @@ ARGS = ["--dataset", "digits", "--image_size", "8", "--num_workers", "0", "--bat
 pytestmark = pytest.mark.xdist_group("test_previous_runs")
 
 
+def checkout(commit, folder):
+    """The repository as it was at `commit` (from its own history), in `folder`; returns the environment that runs it."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True)
+    assert archive.returncode == 0, f"these tests need the repository's history (commit {commit}): " \
+                                    f"{archive.stderr.decode()[:300]}"
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(folder, filter="data")
+    return dict(os.environ, PYTHONPATH=str(folder), HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+
+
 @pytest.fixture(scope="module")
 def previous_runs(tmp_path_factory):
     """{method: run folder} written by the previous version's train_ssl.py."""
     tmp = tmp_path_factory.mktemp("previous")
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS], capture_output=True)
-    assert archive.returncode == 0, f"these tests need the repository's history (commit {PREVIOUS}): " \
-                                    f"{archive.stderr.decode()[:300]}"
-    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(tmp / "code", filter="data")
-    env = dict(os.environ, PYTHONPATH=str(tmp / "code"), HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    env = checkout(PREVIOUS, tmp / "code")
     runs = {}
     for method in ("relic", "byol"):
         runs[method] = tmp / method
@@ -48,6 +55,42 @@ def previous_runs(tmp_path_factory):
                         "--output_dir", str(runs[method])], cwd=tmp, env=env, check=True, capture_output=True,
                        timeout=600)
     return runs
+
+
+# 60 digits images in batches of 20: 3 optimizer steps, a checkpoint after the second (mid-epoch); MRL-E heads
+SUPERVISED = ["--dataset", "digits", "--image_size", "8", "--num_workers", "0", "--batch_size", "20",
+              "--grad_accum_steps", "1", "--max_train_samples", "60", "--epochs", "1", "--checkpointing_steps", "2",
+              "--lr", "2e-3", "--tied", "--dims", "8,64,512", "--report_to", "none"]
+
+
+@pytest.fixture(scope="module")
+def flat_run(tmp_path_factory):
+    """A supervised run folder written by FLAT's train_supervised.py."""
+    tmp = tmp_path_factory.mktemp("flat")
+    env = checkout(FLAT, tmp / "code")
+    subprocess.run([sys.executable, str(tmp / "code" / "train_supervised.py"), *SUPERVISED, "--output_dir",
+                    str(tmp / "run")], cwd=tmp, env=env, check=True, capture_output=True, timeout=600)
+    return tmp / "run"
+
+
+def test_a_run_of_the_flat_layout_loads_evaluates_and_resumes_to_its_own_weights(flat_run, tmp_path):
+    backbone, heads, config = load_model(flat_run)
+    saved = load_file(flat_run / "model.safetensors")
+    assert config["heads"]["tied"] and heads.dims == [8, 64, 512]
+    assert all(torch.equal(value, saved["backbone." + key]) for key, value in backbone.state_dict().items())
+    assert all(torch.equal(value, saved["heads." + key]) for key, value in heads.state_dict().items())
+    run_script("evaluate.py", "--checkpoint", flat_run, "--dims", 8, 512, "--no-pca", "--max_train_samples", 200,
+               "--max_eval_samples", 60, "--num_workers", 0, "--feature_cache", "none", "--no-retrieval_grid",
+               "--output_dir", tmp_path / "eval", tmp_path=tmp_path)
+    per_dim = json.loads((tmp_path / "eval" / "results.json").read_text())["runs"][0]["per_dim"]
+    assert [r["dim"] for r in per_dim] == [8, 512] and all(0 < r["head"] <= 1 for r in per_dim)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(flat_run / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    result = run_script("train_supervised.py", *SUPERVISED, "--output_dir", resumed, "--resume_from_checkpoint",
+                        "latest", tmp_path=tmp_path)
+    assert "resumed from" in result.stdout
+    a, b = load_file(flat_run / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
 @pytest.mark.parametrize("method", ["relic", "byol"])
