@@ -14,7 +14,8 @@
 # Every stage resumes: a training run continues from its newest checkpoint, a finished run or evaluation is skipped,
 # so an interrupted script is relaunched unchanged. Training runs in LANES parallel lanes of one thread each (two
 # single-threaded runs train ~20% more images/s on 2 cores than one run on both). Stage timings go to timings.txt.
-# About 3 hours on 2 CPU cores, alone.
+# About 3 hours on 2 CPU cores, alone. ONLY=REGEX runs only the stages whose names match (e.g. ONLY=eval_epoch: the
+# curves' evaluations, once the MRL and baseline runs are trained, while the others still train).
 #   Usage: bash benchmarks/cifar100_results.sh [output folder, default runs/cifar100_results]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,13 +29,13 @@ mkdir -p "$OUT"
 [ -f "$OUT/date.txt" ] || date -u +%Y-%m-%d > "$OUT/date.txt"
 touch "$OUT/timings.txt"
 
-stage() {  # stage NAME COMMAND...: run it unless it finished before, and note how long it took
+stage() {  # stage NAME COMMAND...: run it unless it finished before (or ONLY leaves it out); note how long it took
   local name=$1 start=$SECONDS
   shift
+  if [[ -n ${ONLY:-} && ! $name =~ $ONLY ]]; then return; fi
   if grep -q "^$name " "$OUT/timings.txt"; then echo "$name: done before"; return; fi
   "$@"
-  echo "$name $((SECONDS - start)) s" >> "$OUT/timings.txt"
-  echo "$name $((SECONDS - start)) s"
+  echo "$name $((SECONDS - start)) s $(git rev-parse --short HEAD)" | tee -a "$OUT/timings.txt"
 }
 
 COMMON=(--dataset cifar100 --dataset_path "$DATA" --seed 0 --report_to none)
@@ -71,9 +72,10 @@ stage eval_final "$PYTHON" evaluate.py "${EVAL[@]}" --compare --output_dir "$OUT
 
 # the curves: MRL's prefix and the baseline (cut to d, and PCA to d) probed after each epoch's checkpoint
 for epoch in 1 2 3 4 6 8 10; do
-  step=$(( epoch * $(ls "$OUT/mrl/checkpoints" | sed 's/step_//' | sort -n | head -1) ))
-  stage "eval_epoch$epoch" "$PYTHON" evaluate.py "${EVAL[@]}" --dims 8,16 --compare \
+  first=$(ls "$OUT/mrl/checkpoints" | sort | head -1)  # step_<the steps of one epoch>
+  step=$(printf "step_%08d" $(( epoch * 10#${first#step_} )))
+  stage "eval_epoch$epoch" "$PYTHON" evaluate.py "${EVAL[@]}" --dims 8,16 --no-compare \
     --output_dir "$OUT/eval_epoch$epoch" --labels MRL baseline \
-    --checkpoint "$OUT/mrl/checkpoints/step_$step" "$OUT/baseline/checkpoints/step_$step"
+    --checkpoint "$OUT/mrl/checkpoints/$step" "$OUT/baseline/checkpoints/$step"
 done
-"$PYTHON" benchmarks/results_report.py --cifar100 "$OUT"
+[[ -n ${ONLY:-} ]] || "$PYTHON" benchmarks/results_report.py --cifar100 "$OUT"
