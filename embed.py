@@ -16,10 +16,11 @@ examples:
   python embed.py --checkpoint runs/supervised_mrl_digits_resnet18 --images photos/ --dims 16,512 --index_dim 16
   python embed.py --index runs/supervised_mrl_digits_resnet18/embeddings --query photos/cat.jpg --top_k 5
   python embed.py --checkpoint user/mrl-resnet18 --dataset cifar10 --dataset_path ../shared/data/cifar10 --split test
-  accelerate launch --multi_gpu embed.py --checkpoint runs/relic --images photos/ --output_dir runs/photos
+  accelerate launch --multi_gpu embed.py --checkpoint runs/ssl_relic_cifar10_resnet18 --images photos/ \\
+      --output_dir runs/photos
+(photos/ stands for your folder of images, searched recursively)
 """
 
-import argparse
 import json
 import os
 import time
@@ -50,7 +51,7 @@ GRID_MAX_QUERIES = 16  # queries drawn in the grid (the picture grows a block of
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("embed.py", description=__doc__, formatter_class=script.HelpFormatter)
+    parser = script.ArgumentParser("embed.py", description=__doc__)
     parser.add_argument("--checkpoint", default=None,
                         help="the trained model: a run folder or a Hub model id (user/name). Default when searching: "
                              "the one the index was built with")

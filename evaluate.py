@@ -19,8 +19,9 @@ Results go to --output_dir: results.json, results.md, PNG plots, and with --repo
 
 examples:
   python evaluate.py --checkpoint runs/supervised_mrl_digits_resnet18
-  python evaluate.py --checkpoint runs/mrl runs/baseline runs/mrl_e --labels MRL baseline MRL-E --output_dir runs/cmp
-  accelerate launch --multi_gpu evaluate.py --checkpoint runs/relic_r18 --dataset cifar10 \\
+  python evaluate.py --checkpoint runs/supervised_{mrl,baseline,mrl-e}_cifar10_resnet18 --labels MRL baseline MRL-E \\
+    --output_dir runs/cmp
+  accelerate launch --multi_gpu evaluate.py --checkpoint runs/ssl_relic_cifar10_resnet18 --dataset cifar10 \\
       --dataset_path ../shared/data/cifar10 --dims 4,8,12,16,32,64,128,256,512
 """
 
@@ -57,7 +58,7 @@ from mrl.utils.distributed import make_accelerator
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("evaluate.py", description=__doc__, formatter_class=script.HelpFormatter)
+    parser = script.ArgumentParser("evaluate.py", description=__doc__)
     parser.add_argument("--checkpoint", nargs="+", required=True,
                         help="trained model folders (config.json + model.safetensors), or training checkpoints of a "
                              "run (<run>/checkpoints/step_N, e.g. of a run still training or stopped); several go in "
@@ -144,23 +145,28 @@ def get_args_parser():
 def main(args):
     check_args(args)
     accelerator = make_accelerator(log_with="wandb" if args.report_to == "wandb" else None)
-    # the W&B run starts now, so that the console output below is on its page too
-    init_tracking(accelerator, args, TrainState(), vars(args), job_type="eval")
     log = accelerator.print
+    # ---- the runs, checked and loaded before anything is written (the W&B run, --output_dir)
     models = [load_run(path, accelerator.device) for path in args.checkpoint]
     if args.before_finetuning:  # each fine-tuned run's pretrained start, evaluated next to it
         add_starting_points(args, models, accelerator.device, accelerator.print)
     labels = args.labels
     dims = [resolve_dims(args, path, config, heads) for path, (_, heads, config) in zip(args.checkpoint, models)]
+    records = [split_record(config) for _, _, config in models]
+    data = resolve_data(args, records)
+    init_tracking(accelerator, args, TrainState(), vars(args), job_type="eval")
 
     # ---- data: the splits the (first) run trained with, unless the flags override them; and never an image that
     # any of the runs trained on
-    records = [split_record(config) for _, _, config in models]
-    data = resolve_data(args, records)
+    for name in ("max_train_samples", "max_eval_samples"):
+        if data[name] and getattr(args, name) is None:
+            log(f"{labels[0]} trained with --{name} {data[name]}: evaluating on the same "
+                f"{'training subset' if name == 'max_train_samples' else 'capped evaluation splits'} "
+                f"(--{name} 0 evaluates on all, another number on that many)")
     with accelerator.main_process_first():
         splits = load_splits(data["dataset"], data["dataset_path"], seed=data["seed"],
                              val_fraction=data["val_fraction"], test_fraction=data["test_fraction"],
-                             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+                             max_train_samples=data["max_train_samples"], max_eval_samples=data["max_eval_samples"],
                              min_image_size=data["min_image_size"])
         data["excluded_trained_images"] = exclude_trained_images(splits, records, labels, log)
     eval_split = eval_split_name(splits)
@@ -262,7 +268,7 @@ def check_args(args):
 
 def resolve_data(args, records):
     """The splits to evaluate on: the flags where given, otherwise the first run's own split record (its dataset,
-    seed, fractions and minimum image size; the sample caps are evaluate.py's own flags)."""
+    seed, fractions, minimum image size and sample caps)."""
     first = records[0]
     if args.dataset is None:
         others = {r["dataset"] for r in records} - {first["dataset"]}
@@ -279,7 +285,10 @@ def resolve_data(args, records):
                                             else first.get(name, default) if same else default)
     return {"dataset": dataset, "dataset_path": path,
             "seed": first.get("seed", 0), "val_fraction": flag_or_record("val_fraction", 0.1),
-            "test_fraction": flag_or_record("test_fraction", 0.1), "min_image_size": flag_or_record("min_image_size", None)}
+            "test_fraction": flag_or_record("test_fraction", 0.1), "min_image_size": flag_or_record("min_image_size", None),
+            # the run's subsets too: a run trained on 256 images is probed on those, not on the whole split
+            "max_train_samples": flag_or_record("max_train_samples", None),
+            "max_eval_samples": flag_or_record("max_eval_samples", None)}
 
 
 def eval_split_name(splits):

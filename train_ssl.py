@@ -64,7 +64,7 @@ from mrl.utils.distributed import unwrap
 
 
 def get_args_parser():
-    parser = methods.ArgumentParser("train_ssl.py", description=__doc__, formatter_class=script.HelpFormatter)
+    parser = methods.ArgumentParser("train_ssl.py", description=__doc__)
     cli.add_data_args(parser, default_dataset="cifar10")
     cli.add_model_args(parser)
     group = parser.add_argument_group("self-supervised method (mrl/ssl/methods.py: each method's flags are refused with "

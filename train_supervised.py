@@ -49,7 +49,7 @@ from mrl.utils.distributed import unwrap
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("train_supervised.py", description=__doc__, formatter_class=script.HelpFormatter)
+    parser = script.ArgumentParser("train_supervised.py", description=__doc__)
     cli.add_data_args(parser, default_dataset="cats_vs_dogs")
     cli.add_model_args(parser)
     group = parser.add_argument_group("Matryoshka heads")

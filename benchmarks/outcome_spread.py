@@ -16,6 +16,8 @@ Parts:
   evaluate    tests/test_evaluate.py's 4-step supervised run, then evaluate.py: probe accuracy at d = 512
   pixels      the raw-pixel checks of tests/test_probe.py and tests/test_retrieval.py (the seed: of the split, of the
               noise added to the pixels)
+  quickstart  the README's quickstart command (not part of the default): its table at d = 8 and 512 and its time,
+              which the README quotes as a range (python benchmarks/outcome_spread.py --parts quickstart)
 """
 
 import argparse
@@ -121,12 +123,24 @@ def pixels(seed, threads, tmp):
     return values
 
 
-PARTS = {"supervised": supervised, "ssl": ssl, "evaluate": evaluate, "pixels": pixels}
+def quickstart(seed, threads, tmp):
+    out = os.path.join(tmp, "out")
+    start = time.perf_counter()
+    run("train_supervised.py", ["--dataset", "digits", "--epochs", 3, "--batch_size", 32, "--grad_accum_steps", 1,
+                                "--lr", "2e-3", "--seed", seed, "--output_dir", out, "--report_to", "none"], threads, tmp)
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    return {"val acc d8": metrics["val"]["accuracy"][0], "test acc d8": metrics["test"]["accuracy"][0],
+            "val acc d512": metrics["val"]["accuracy"][-1], "test acc d512": metrics["test"]["accuracy"][-1],
+            "seconds": time.perf_counter() - start}
+
+
+PARTS = {"supervised": supervised, "ssl": ssl, "evaluate": evaluate, "pixels": pixels, "quickstart": quickstart}
+DEFAULT_PARTS = ["supervised", "ssl", "evaluate", "pixels"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    parser.add_argument("--parts", nargs="+", default=DEFAULT_PARTS, choices=list(PARTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--two_thread_seeds", type=int, nargs="*", default=[0],
                         help="seeds also run with 2 threads (another summation order on the same CPU)")

@@ -126,7 +126,7 @@ def _load_raw(name, preset, path):
         access = imagenet.hub_access_error(e, preset.hub_id) if path is None else None
         if access:  # a gated dataset (ImageNet): no token, or the terms not accepted
             raise UserError(access) from e
-        hint = "" if path else f" {hub_access.LOCAL_COPY_HINT}"
+        hint = "" if path else f" {hub_access.local_copy_hint()}"
         raise UserError(f"could not load dataset {source}: {hub_access.one_line(e)}.{hint}") from e
     splits = {"train": ds} if isinstance(ds, datasets.Dataset) else dict(ds)
     if name == "imagenet":

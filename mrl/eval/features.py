@@ -224,10 +224,18 @@ def load_or_extract(accelerator, backbone, dataset, cache_stem, batch_size=256, 
     writer, start = None, time.perf_counter()
     batches = tqdm(_loader(accelerator, dataset, batch_size, num_workers), desc=desc, unit="batch", dynamic_ncols=True,
                    disable=not accelerator.is_main_process, leave=False)
+    timed = None  # (time, rows) after the first batch: the rate without the workers' start-up
     for z, y in embedded_batches(accelerator, backbone, batches):
         if accelerator.is_main_process:
             writer = writer or FeatureWriter(cache_stem, len(dataset), z.shape[1])
             writer.append(z, y)
+            if timed is None:
+                timed = (time.perf_counter(), writer.rows)
+            elif timed[1] is not None and time.perf_counter() - timed[0] > 2:  # one line: the size and the cost
+                rate = (writer.rows - timed[1]) / (time.perf_counter() - timed[0])
+                log(f"{desc}: {len(dataset):,} images at about {rate:.0f} images/s here, about "
+                    f"{len(dataset) / rate / 60:.1f} minutes in all")
+                timed = (timed[0], None)
     features = labels = None
     if accelerator.is_main_process:
         if writer is None or not writer.rows:

@@ -18,7 +18,6 @@ ILSVRC synsets as class names, so evaluate.py, embed.py and MatryoshkaEncoder.fr
 like any run.
 """
 
-import argparse
 import hashlib
 import os
 
@@ -45,8 +44,7 @@ NESTED = "nesting_classifier_"
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("python -m mrl.hub.convert_reference", description=__doc__,
-                                     formatter_class=script.HelpFormatter)
+    parser = script.ArgumentParser("python -m mrl.hub.convert_reference", description=__doc__)
     parser.add_argument("checkpoint", help="a .pt file saved by RAIVNLab/MRL's train_imagenet.py (a state dict)")
     parser.add_argument("output_dir", help="the run folder to write (config.json, model.safetensors, README.md); "
                                            "must not hold a model yet")

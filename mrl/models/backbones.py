@@ -39,7 +39,9 @@ class CNN4(nn.Module):
             layers.append(nn.MaxPool2d(pool))
             channels, side = out_channels, (side - kernel + 1) // pool
             if side < 1:
-                raise UserError(f"cnn4 needs images of at least {CNN4.min_image_size()} px, got --image_size {image_size}")
+                name = "cnn4_bn" if batchnorm else "cnn4"
+                raise UserError(f"{name} needs images of at least {CNN4.min_image_size()} px, got --image_size "
+                                f"{image_size}")
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.fc = nn.Linear(channels * side * side, embed_dim)
         self.embed_dim = embed_dim

@@ -17,7 +17,6 @@ The view is data (SECTIONS, GROUP_BY) turned into W&B's `wandb-workspaces` objec
 `save_workspace` touches the network. Each run of the command saves a new view (W&B names it; the URL is printed).
 """
 
-import argparse
 import os
 from dataclasses import dataclass
 
@@ -181,8 +180,7 @@ def save_workspace(workspace):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("python -m mrl.report.workspace", description=__doc__,
-                                     formatter_class=script.HelpFormatter)
+    parser = script.ArgumentParser("python -m mrl.report.workspace", description=__doc__)
     parser.add_argument("--entity", default=os.environ.get("WANDB_ENTITY"),
                         help="W&B user or team that owns the project (default: $WANDB_ENTITY)")
     parser.add_argument("--project", default=DEFAULT_PROJECT, help="W&B project of the runs")

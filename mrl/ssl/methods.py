@@ -22,12 +22,12 @@ Adding a method: write its loss in mrl/ssl/losses.py and register a Method below
 (tests/test_methods.py), and docs/train_ssl.md's method table is checked against `markdown_table()`.
 """
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from mrl.ssl.losses import barlow_twins_loss, byol_loss, nt_xent_loss, relic_loss, vicreg_loss
+from mrl.utils import script
 
 
 @dataclass(frozen=True)
@@ -168,9 +168,9 @@ def own_flags(method):
     return method.flags + (EMA_FLAGS if method.ema_target else ())
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse.ArgumentParser that, after parsing, gives the chosen --method's flags their defaults and refuses
-    another method's flags (an argparse error: usage and one line)."""
+class ArgumentParser(script.ArgumentParser):
+    """The scripts' parser that, after parsing, gives the chosen --method's flags their defaults and refuses another
+    method's flags (an argparse error: one line)."""
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, namespace)

@@ -26,7 +26,7 @@ from mrl.models.backbones import BACKBONES
 from mrl.models.pretrained_backbones import is_external, resolve_backbone, with_preprocessing
 from mrl.report.tracking import finish_tracking, init_tracking, log_model_artifact, resolve_report_to, wandb_info
 from mrl.run_folder.config import write_config
-from mrl.run_folder.layout import PREEMPTED_MARKER, RUN_OUTPUTS
+from mrl.run_folder.layout import CHECKPOINTS, CONFIG_FILE, MODEL_FILE, PREEMPTED_MARKER, RUN_OUTPUTS
 from mrl.train.checkpoint import TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint
 from mrl.train.guards import Preemption
 from mrl.train.publish import publish_run, resolve_hub_args
@@ -66,6 +66,9 @@ class Run:
         if resumed:
             self.accelerator.print(f"resumed from {resumed}: epoch {self.state.epoch}, step {self.state.step}, "
                                    f"batch {self.state.batch_in_epoch}")
+        elif self.args.resume_from_checkpoint == "latest":
+            self.accelerator.print(f"no checkpoint in {os.path.join(self.args.output_dir, CHECKPOINTS)}: starting "
+                                   "from step 0")
 
 
 def resolve_preset(args, variant, augment=None):
@@ -208,7 +211,8 @@ def resolve_run_args(args, variant):
         dataset = args.dataset
         if args.dataset == "custom" and args.dataset_path:
             dataset += "-" + os.path.basename(os.path.normpath(args.dataset_path))
-        args.output_dir = os.path.join("runs", f"{variant}_{dataset}_{model_slug(args)}")
+        args.output_dir = default_output_dir(os.path.join("runs", f"{variant}_{dataset}_{model_slug(args)}"),
+                                             resume=args.resume_from_checkpoint == "latest")
     if args.checkpointing_steps != "epoch" and not args.checkpointing_steps.isdigit():
         raise UserError(f"--checkpointing_steps must be 'epoch' or a number, got {args.checkpointing_steps!r}")
     if not 0 <= args.seed < 2**32:  # numpy's generators (splits, shuffles) take 32-bit seeds
@@ -223,6 +227,37 @@ def resolve_run_args(args, variant):
         resolve_hub_args(args)
 
 
+def default_output_dir(base, resume):
+    """The folder a run writes to when --output_dir is not given: `base`, or beside it `base_2`, `base_3`, ... (as
+    Lightning's versions and YOLO's runs/train2) when the ones before hold a run, so that running a command again
+    starts a new run instead of failing. With --resume_from_checkpoint latest: the last of them that exists, so that
+    a relaunch of the same command continues the newest run.
+
+    Every process of a launch picks the same folder: each picks before the process group's rendezvous, and nothing
+    is written into the folder before it."""
+    candidates = (base if i == 1 else f"{base}_{i}" for i in range(1, 10**6))
+    chosen, previous = None, None
+    for folder in candidates:
+        exists = os.path.isdir(folder)
+        if resume:
+            if not exists:
+                chosen = previous or folder
+                break
+            previous = folder
+        elif not holds_run(folder):
+            chosen = folder
+            break
+    if chosen != base and os.environ.get("RANK", "0") == "0":
+        print(f"--output_dir not given: {base} {'is older' if resume else 'holds a run'}, so this run "
+              f"{'continues' if resume else 'writes to'} {chosen}")
+    return chosen
+
+
+def holds_run(folder):
+    """Whether a run was started in `folder` (its config.json or checkpoints exist)."""
+    return any(os.path.exists(os.path.join(folder, name)) for name in (CONFIG_FILE, CHECKPOINTS))
+
+
 def model_slug(args):
     """--model as part of a folder name: timm/<name> and hf-hub:<user>/<repo> without their slashes, a folder by its
     name; `-pretrained` for a pretrained start (a fine-tuned run and one from scratch do not share a folder)."""
@@ -235,9 +270,9 @@ def check_output_dir(args, resuming, is_main):
     """Refuse to write a new run over a finished one or over checkpoints, unless asked to (--overwrite then
     removes everything the old run wrote, so that neither a later 'latest' nor a reader of eval/ picks up a part
     of it). A preemption marker left by the previous start is removed: this start decides anew."""
-    taken = [p for p in ("config.json", "checkpoints") if os.path.exists(os.path.join(args.output_dir, p))]
+    taken = [p for p in (CONFIG_FILE, CHECKPOINTS) if os.path.exists(os.path.join(args.output_dir, p))]
     # a relaunch with 'latest' of a run that stopped before its first checkpoint (only config.json): start it anew
-    never_saved = taken == ["config.json"] and not os.path.exists(os.path.join(args.output_dir, "model.safetensors"))
+    never_saved = taken == [CONFIG_FILE] and not os.path.exists(os.path.join(args.output_dir, MODEL_FILE))
     if taken and not resuming and not (never_saved and args.resume_from_checkpoint == "latest"):
         if not args.overwrite:
             raise UserError(f"--output_dir {args.output_dir} already holds a run ({', '.join(taken)}); pass "

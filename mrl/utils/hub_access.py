@@ -50,6 +50,16 @@ def require_hub(what, hint=LOCAL_COPY_HINT):
         raise UserError(f"{problem}: cannot {what}. {hint}")
 
 
+def local_copy_hint():
+    """LOCAL_COPY_HINT, without the advice to set HF_HUB_OFFLINE where it is set already (then the copy is not in the
+    cache, or not under the name asked for)."""
+    if offline():
+        return ("Pass --dataset_path with a local copy (the Hub's parquet layout, a save_to_disk folder or an image "
+                "folder with one subfolder per class); HF_HUB_OFFLINE is set, and the Hugging Face cache does not hold "
+                "it.")
+    return LOCAL_COPY_HINT
+
+
 def one_line(e):
     """An exception as one line of an error message: its type and the first line of what it says."""
     text = str(e).strip().splitlines()

@@ -6,7 +6,9 @@ Light on purpose (no torch): `python -m mrl.train.supervise` imports it, and sta
 """
 
 import argparse
+import difflib
 import os
+import re
 import signal
 import sys
 
@@ -39,6 +41,32 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or "(default" in (action.help or "").lower():
             return action.help
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser (with HelpFormatter) whose errors are one line, not argparse's usage block and then the
+    error: what is wrong, the closest valid value for a misspelled choice or flag, and where every flag is listed."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}{self.suggestion(message)} (`{self.prog} --help` lists every "
+                     "flag)\n")
+
+    def suggestion(self, message):
+        """'; did you mean X?' for an invalid choice or an unknown flag close to a valid one."""
+        choice = re.search(r"invalid choice: '?(.*?)'? \(choose from (.*)\)", message)
+        if choice:
+            wrong, valid = choice.group(1), [c.strip(" '\"") for c in choice.group(2).split(",")]
+        else:
+            unknown = re.search(r"unrecognized arguments: (\S+)", message)
+            if not unknown:
+                return ""
+            wrong, valid = unknown.group(1).split("=")[0], [o for o in self._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(wrong, valid, n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
 
 
 def run(main, args):
