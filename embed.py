@@ -21,13 +21,11 @@ examples:
 (photos/ stands for your folder of images, searched recursively)
 """
 
-import json
 import os
 import time
 
 import datasets
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -36,10 +34,11 @@ from mrl.batches.decode import open_image
 from mrl.batches.transforms import Collate, FillUnreadable, ImageTransform
 from mrl.data.presets import PRESETS
 from mrl.data.sources import load_splits
-from mrl.eval.features import embedded_batches
+from mrl.eval.features import embedded_batches, state_digest
+from mrl.eval.quantized import INDEX_KINDS, PRECISIONS
 from mrl.eval.retrieval import funnel_search, nearest_neighbors, normalized_prefix
 from mrl.eval.retrieval_grid import default_grid_dims, ranked_blocks, split_thumbnails
-from mrl.hub.embedding_store import EMBEDDINGS, INDEX_TYPES, MANIFEST, EmbeddingWriter, FaissShortlist, columns_matrix
+from mrl.hub.embedding_store import MANIFEST, EmbeddingWriter, columns_matrix, load_shortlist_index, read_store
 from mrl.matryoshka import evaluation_dims, flat_dims, parse_dims
 from mrl.pretrained import MatryoshkaEncoder, list_images
 from mrl.report.plots import Thumb, retrieval_grid
@@ -70,9 +69,14 @@ def get_args_parser():
     group.add_argument("--index_dim", type=int, default=None,
                        help="also build a faiss index over this (small) prefix; searches shortlist with it and re-rank "
                             "at the largest of --dims (added to --dims when missing)")
-    group.add_argument("--index_type", default="flat", choices=INDEX_TYPES,
-                       help="flat: exact inner-product search over the small prefix; hnsw: an approximate HNSW graph, "
-                            "for collections too large for exact search")
+    group.add_argument("--index_type", default="flat", choices=INDEX_KINDS,
+                       help="flat: exact search over the small prefix; hnsw: an approximate HNSW graph, for "
+                            "collections too large for exact search")
+    group.add_argument("--index_precision", default="float32", choices=PRECISIONS,
+                       help="how the index stores each image's --index_dim numbers: float32 (4 bytes each); int8 (1 "
+                            "byte: faiss's scalar quantizer, calibrated on the indexed embeddings); binary (1 bit: "
+                            "the signs, searched by Hamming distance). The shortlist is re-ranked in float32 at the "
+                            "largest dim either way; evaluate.py measures what each (dim, precision) pair finds")
     group.add_argument("--output_dir", default=None,
                        help="where embeddings.parquet, the index and embed.json go (default: <checkpoint>/embeddings "
                             "for a run folder, embeddings_<model name> for a Hub model)")
@@ -150,9 +154,9 @@ def build(args):
     start = time.perf_counter()
     loader = accelerator.prepare(loader)
     # every process embeds its shard; the main process writes the gathered rows as they come, a chunk at a time
-    writer = (EmbeddingWriter(output_dir, args.checkpoint, metadata, class_names, dims, args.index_dim, args.index_type,
-                              origin) if accelerator.is_main_process
-              else None)
+    writer = (EmbeddingWriter(output_dir, args.checkpoint, state_digest(model.backbone), metadata, class_names, dims,
+                              args.index_dim, args.index_type, args.index_precision, origin)
+              if accelerator.is_main_process else None)
     for features, positions in embedded_batches(accelerator, model.backbone, tqdm(
             loader, desc="embedding", dynamic_ncols=True, disable=not accelerator.is_local_main_process)):
         if writer is not None:
@@ -215,16 +219,16 @@ def image_rows(args, config):
 # ---- searching
 
 def search(args):
-    manifest_file = os.path.join(args.index, MANIFEST)
-    if not os.path.isfile(manifest_file):
-        raise UserError(f"--index {args.index} holds no {MANIFEST}: give an --output_dir written by embed.py")
-    with open(manifest_file) as f:
-        manifest = json.load(f)
-    table = pq.read_table(os.path.join(args.index, EMBEDDINGS))
+    manifest, table = read_store(args.index)
     index = manifest.get("index")
     full_dim = index["rerank_dim"] if index else max(manifest["dims"])
     grid_dims = check_grid_dims(args, full_dim)
     model = MatryoshkaEncoder.from_pretrained(args.checkpoint or manifest["checkpoint"])
+    built_with = manifest.get("model_digest")  # None: a store of an earlier version, which did not record it
+    if args.checkpoint and built_with and state_digest(model.backbone) != built_with:
+        raise UserError(f"--index {args.index} holds embeddings of {manifest['checkpoint']}; --checkpoint "
+                        f"{args.checkpoint} is another model, whose queries would be compared in another space: drop "
+                        "--checkpoint, or embed the images again with it")
     # by default three of the dims the model trained, up to the searched embedding's
     grid_dims = grid_dims or default_grid_dims([d for d in model.dims if d <= full_dim] + [full_dim])
     queries = [p for q in args.query for p in (list_images(q) if os.path.isdir(q) else [q])]
@@ -239,9 +243,9 @@ def search(args):
     if index:  # shortlist by the small prefix's index, re-rank at the full dim (mrl.eval.retrieval's funnel)
         shortlist = min(args.shortlist, len(database))
         ids = funnel_search(encoded[index["dim"]], columns_matrix(table, index["dim"]), encoded[full_dim], database,
-                            shortlist, k, index=FaissShortlist(os.path.join(args.index, index["file"])))
-        how = (f"shortlist of {shortlist} by dim {index['dim']} ({index['type']} faiss index), re-ranked at dim "
-               f"{full_dim}")
+                            shortlist, k, index=load_shortlist_index(args.index, manifest))
+        how = (f"shortlist of {shortlist} by dim {index['dim']} ({index['type']} {index.get('precision', 'float32')} "
+               f"faiss index), re-ranked at dim {full_dim}")
     else:
         ids = nearest_neighbors(encoded[full_dim], database, k)[1]
         how = f"exact search at dim {full_dim}"

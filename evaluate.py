@@ -36,6 +36,7 @@ from mrl.data.splits import split_record
 from mrl.eval.features import PCA_FIT_SAMPLES
 from mrl.eval.probe import L2_GRID, PROBE_MAX_TRAIN_SAMPLES
 from mrl.eval.protocols import evaluate_run, protocols
+from mrl.eval.quantized import PRECISIONS
 from mrl.eval.results import (
     comparison,
     log_results,
@@ -94,6 +95,13 @@ def get_args_parser():
                        help="cut-offs k of mAP@k and precision@k (the MRL paper reports mAP@10)")
     group.add_argument("--shortlist", type=int, default=200,
                        help="adaptive retrieval: candidates kept by the small prefix for re-ranking at full dim")
+    group.add_argument("--adaptive_retrieval", action=argparse.BooleanOptionalAction, default=True,
+                       help="adaptive retrieval (shortlist with a small prefix, re-rank at full dim, timed) and its "
+                            "quantized shortlists (--index_precisions); --no-adaptive_retrieval skips both")
+    group.add_argument("--index_precisions", nargs="*", default=list(PRECISIONS), choices=PRECISIONS,
+                       help="adaptive retrieval with each shortlist dim's index stored at these precisions (float32, "
+                            "int8: 1 byte a dim, binary: 1 bit), re-ranked in float32 at full dim: recall@k of the "
+                            "full-dim float32 search against bytes per image (quantized_retrieval.png); none: skip")
     group.add_argument("--index", default="exact", choices=("exact", "hnsw"),
                        help="adaptive retrieval's search: exact (brute force in torch) or hnsw (faiss HNSW graphs over "
                             "each shortlist prefix and over the full embedding, as the MRL paper timed it; for large "

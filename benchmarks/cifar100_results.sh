@@ -71,10 +71,10 @@ stage eval_final "$PYTHON" evaluate.py "${EVAL[@]}" --compare --output_dir "$OUT
   --labels MRL MRL-E baseline FF-8 FF-16 FF-32 FF-64 FF-128
 
 # the curves: MRL's prefix and the baseline (cut to d, and PCA to d) probed after each epoch's checkpoint
-for epoch in 1 2 3 4 6 8 10; do
+for epoch in 1 2 4 8; do
   first=$(ls "$OUT/mrl/checkpoints" | sort | head -1)  # step_<the steps of one epoch>
   step=$(printf "step_%08d" $(( epoch * 10#${first#step_} )))
-  stage "eval_epoch$epoch" "$PYTHON" evaluate.py "${EVAL[@]}" --dims 8,16 --no-compare \
+  stage "eval_epoch$epoch" "$PYTHON" evaluate.py "${EVAL[@]}" --dims 8,16 --no-compare --no-adaptive_retrieval \
     --output_dir "$OUT/eval_epoch$epoch" --labels MRL baseline \
     --checkpoint "$OUT/mrl/checkpoints/$step" "$OUT/baseline/checkpoints/$step"
 done

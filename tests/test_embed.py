@@ -94,12 +94,14 @@ def test_folder_embedded_by_two_processes_and_each_query_finds_itself(run, folde
         torch.testing.assert_close(z[d], expected[d], rtol=0, atol=1e-5)
     manifest = json.loads((out / "embed.json").read_text())
     assert manifest["count"] == 12 and manifest["skipped_unreadable"] == 1
-    assert manifest["index"] == {"file": "index_d8_flat.faiss", "dim": 8, "type": "flat", "rerank_dim": 512}
+    assert {k: v for k, v in manifest["index"].items() if k != "index_bytes"} == {
+        "file": "index_d8_flat_float32.faiss", "dim": 8, "type": "flat", "precision": "float32", "bytes_per_image": 32,
+        "rerank_dim": 512}
 
     # search: shortlist by the 8-dim index, re-rank at 512; every image is its own nearest neighbour
     embed_cli("--index", out, "--query", *paths, "--top_k", 3, "--shortlist", 6)
     stdout = capsys.readouterr().out
-    assert "nearest of 12 images (shortlist of 6 by dim 8 (flat faiss index), re-ranked at dim 512)" in stdout
+    assert "nearest of 12 images (shortlist of 6 by dim 8 (flat float32 faiss index), re-ranked at dim 512)" in stdout
     results = search_results(stdout)
     assert list(results) == paths
     for query, hits in results.items():
@@ -175,6 +177,38 @@ def test_a_large_collection_is_written_a_chunk_at_a_time_with_the_same_content(r
     assert chunked.equals(whole) and chunked.column("path").to_pylist() == paths
     import faiss
 
-    indices = [faiss.read_index(str(out / "index_d8_flat.faiss")) for out in (outputs[5], outputs[1000])]
+    indices = [faiss.read_index(str(out / "index_d8_flat_float32.faiss")) for out in (outputs[5], outputs[1000])]
     assert indices[0].ntotal == indices[1].ntotal == 12
     np.testing.assert_array_equal(indices[0].reconstruct_n(0, 12), indices[1].reconstruct_n(0, 12))
+
+
+@pytest.mark.parametrize("precision", ["int8", "binary"])
+def test_a_quantized_index_finds_each_image_and_another_model_is_refused(run, folder, tmp_path, capsys, precision):
+    """An int8 or a binary shortlist over 16 dims, re-ranked in float32 at 512: every image is still its own nearest
+    (the shortlist of 6 of 12 holds it), and the search says what it used. Searching it with another model's queries
+    is one line."""
+    root, paths = folder
+    out = tmp_path / "emb"
+    embed_cli("--checkpoint", run, "--images", root, "--dims", "16,512", "--index_dim", 16, "--index_precision",
+              precision, "--num_workers", 0, "--output_dir", out)
+    manifest = json.loads((out / "embed.json").read_text())
+    assert manifest["index"]["precision"] == precision
+    assert manifest["index"]["bytes_per_image"] == {"int8": 16, "binary": 2}[precision]
+    capsys.readouterr()
+    embed_cli("--index", out, "--query", *paths, "--top_k", 2, "--shortlist", 6, "--grid", "none")
+    stdout = capsys.readouterr().out
+    assert f"shortlist of 6 by dim 16 (flat {precision} faiss index), re-ranked at dim 512" in stdout
+    assert all(hits[0][1] == query and hits[0][0] > 0.9999 for query, hits in search_results(stdout).items())
+
+    other = tmp_path / "other"  # the same architecture, other weights: another embedding space
+    other.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (other / name).write_bytes((run / name).read_bytes())
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, other / "model.safetensors")
+    with pytest.raises(SystemExit, match=f"--index {out} holds embeddings of .*; --checkpoint {other} is another "
+                                         "model"):
+        embed_cli("--index", out, "--query", paths[0], "--checkpoint", other)
+

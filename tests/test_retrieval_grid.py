@@ -3,6 +3,7 @@ then its neighbours in the order cosine on the renormalized prefix gives), the b
 the captions; and embed.py --query drawing its results for a real run."""
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from test_embed import embed_cli, folder, run, search_results  # noqa: F401, F81
 
 import embed
 from mrl.eval.retrieval_grid import default_grid_dims, evaluation_grid, pick_queries, ranked_blocks, split_thumbnails
+from mrl.hub.embedding_store import columns_matrix
 from mrl.report import plots
 from mrl.report.plots import Thumb
 
@@ -146,7 +148,7 @@ def test_embed_search_draws_its_results(run, folder, tmp_path, capsys):
     assert f"wrote the results as a picture: {out / 'search_grid.png'} (rows d = 8, 64, 512)" in stdout
     printed = search_results(stdout)
 
-    database = embed.columns_matrix(embed.pq.read_table(out / "embeddings.parquet"), 512)
+    database = columns_matrix(pq.read_table(out / "embeddings.parquet"), 512)
     query_rows = [paths.index(q) for q in queries]  # the queries are database images too
     expected = {d: cosine_ranking(database[query_rows], database, d, 3)[1] for d in (8, 64)}
     expected[512] = torch.tensor([[paths.index(name) for _, name in printed[q]] for q in queries])

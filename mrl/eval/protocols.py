@@ -8,6 +8,7 @@ import torch
 
 from mrl.eval.features import pca
 from mrl.eval.probe import cascade, sklearn_probe, torch_probe
+from mrl.eval.quantized import quantized_retrieval
 from mrl.eval.retrieval import adaptive_retrieval, neighbor_metrics
 
 
@@ -75,10 +76,16 @@ def evaluate_run(args, features, eval_split, heads, dims, num_classes, device, l
                         "top5": [topk_accuracy(logits, eval_y, 5) for logits in head_logits]}
 
     k = args.retrieval_k[0]
-    funnel = timed("adaptive_retrieval", "adaptive retrieval", lambda: adaptive_retrieval(
-        train_x, train_y, eval_x, eval_y, dims, eval_x.shape[1], args.shortlist, k, device=device, index=args.index))
+    funnel, quantized = [], []
+    if args.adaptive_retrieval:
+        funnel = timed("adaptive_retrieval", "adaptive retrieval", lambda: adaptive_retrieval(
+            train_x, train_y, eval_x, eval_y, dims, eval_x.shape[1], args.shortlist, k, device=device,
+            index=args.index))
+    if args.adaptive_retrieval and args.index_precisions:
+        quantized = timed("quantized_retrieval", "quantized shortlists", lambda: quantized_retrieval(
+            train_x, train_y, eval_x, eval_y, dims, eval_x.shape[1], args.index_precisions, args.shortlist, k))
     return {"dims": dims, "per_dim": [rows[d] for d in sorted(rows)], "adaptive_classification": adaptive,
-            "adaptive_retrieval": funnel, "seconds": timings,
+            "adaptive_retrieval": funnel, "quantized_retrieval": quantized, "seconds": timings,
             "n": {"train": len(train_x), "val": len(features["val"][0]), "eval": len(eval_x),
                   "probe_train": probes[0].train_samples,
                   "pca_fit": min(len(train_x), args.pca_fit_samples or len(train_x))},
@@ -119,9 +126,19 @@ def protocols(args):
                               f"wall-clock per query ({'faiss HNSW' if args.index == 'hnsw' else 'exact torch'} "
                               "search on this machine, median of 3 runs over up to 2000 queries) vs full-dim search "
                               "with the same kind of index",
+        "quantized_retrieval": f"the same funnel with the shortlist's index over the d_s prefix stored at "
+                               f"{', '.join(args.index_precisions)} precision (faiss, exact: float32 inner product; int8 "
+                               "scalar quantizer calibrated on the train embeddings; binary sign bits by Hamming "
+                               f"distance), shortlist {args.shortlist}, re-ranked in float32 at full dim; recall@{k}: "
+                               f"the share of the full-dim float32 search's top-{k} it returns; bytes per image: the "
+                               "index's codes",
     }
     if args.robustness:
         described["robustness"] = ("each head's own top-1 on distribution-shifted ImageNet test sets, with the run's "
                                    "evaluation preprocessing; on ImageNet-A and -R (200 classes) the argmax runs over "
                                    "those 200 classes' logits only")
+    if not args.adaptive_retrieval:
+        described.pop("adaptive_retrieval")
+    if not (args.adaptive_retrieval and args.index_precisions):
+        described.pop("quantized_retrieval")
     return {name: text for name, text in described.items() if name != "pca" or args.pca}

@@ -139,9 +139,14 @@ def write_outputs(args, results, embeddings):
         images["comparison"] = plots.comparison(
             results["comparison"]["series"], out("comparison.png"),
             title=f"Top-1 against dim, {results['dataset']['dataset']} {results['eval_split']} split")
-    images["adaptive_retrieval"] = plots.adaptive_retrieval(
-        {run["label"]: [(r["speedup"], r[f"map@{k}"], r["shortlist_dim"]) for r in run["adaptive_retrieval"]]
-         for run in runs}, out("adaptive_retrieval.png"), f"mAP@{k}")
+    if any(run["adaptive_retrieval"] for run in runs):
+        images["adaptive_retrieval"] = plots.adaptive_retrieval(
+            {run["label"]: [(r["speedup"], r[f"map@{k}"], r["shortlist_dim"]) for r in run["adaptive_retrieval"]]
+             for run in runs}, out("adaptive_retrieval.png"), f"mAP@{k}")
+    if any(run.get("quantized_retrieval") for run in runs):
+        images["quantized_retrieval"] = plots.quantized_retrieval(
+            {run["label"]: run["quantized_retrieval"] for run in runs if run.get("quantized_retrieval")},
+            out("quantized_retrieval.png"), f"recall@{k}", args.shortlist)
     for run in runs:
         x, y = embeddings[run["label"]]
         dims = run["dims"]
@@ -176,13 +181,32 @@ def results_markdown(args, results):
                       "| threshold | expected dims | top-1 |", "|---:|---:|---:|"]
             lines += [f"| {p['threshold'] if p['threshold'] is not None else 'largest dim'} | {p['expected_dim']:.1f} "
                       f"| {p['accuracy']:.4f} |" for p in points]
-        lines += ["", f"## {run['label']}: adaptive retrieval (shortlist, then re-rank at d={run['embed_dim']})", "",
-                  f"| d_s | shortlist | mAP@{k} | P@{k} | top-1 | ms / query | speedup | FLOPs ratio |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['shortlist_dim']} | {r['shortlist'] or 'none (full search)'} | {r[f'map@{k}']:.4f} | "
-                  f"{r[f'precision@{k}']:.4f} | {r['top1']:.4f} | {r['ms_per_query']:.3f} | {r['speedup']:.2f} | "
-                  f"{r['flops_ratio']:.1f} |" for r in run["adaptive_retrieval"]]
+        if run["adaptive_retrieval"]:
+            lines += ["", f"## {run['label']}: adaptive retrieval (shortlist, then re-rank at d={run['embed_dim']})",
+                      "", f"| d_s | shortlist | mAP@{k} | P@{k} | top-1 | ms / query | speedup | FLOPs ratio |",
+                      "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {r['shortlist_dim']} | {r['shortlist'] or 'none (full search)'} | {r[f'map@{k}']:.4f} | "
+                      f"{r[f'precision@{k}']:.4f} | {r['top1']:.4f} | {r['ms_per_query']:.3f} | {r['speedup']:.2f} | "
+                      f"{r['flops_ratio']:.1f} |" for r in run["adaptive_retrieval"]]
+        lines += quantized_markdown(run, k)
     return "\n".join(lines) + "\n"
+
+
+def quantized_markdown(run, k):
+    """A run's quantized shortlists as a table, the Pareto front (the most recall for the bytes) in bold."""
+    rows = run.get("quantized_retrieval") or []
+    if not rows:
+        return []
+    front = plots.pareto(rows, f"recall@{k}")
+    lines = ["", f"## {run['label']}: quantized shortlists (shortlist {rows[0]['shortlist']} of {rows[0]['images']}, "
+             f"re-ranked in float32 at d={run['embed_dim']}; bold: the Pareto front)", "",
+             f"| d_s | precision | bytes / image | recall@{k} | mAP@{k} | index size | ms / query |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["bytes_per_image"], r["shortlist_dim"])):
+        bold = "**" if r in front else ""
+        lines.append(f"| {r['shortlist_dim']} | {r['precision']} | {r['bytes_per_image']} | {bold}{r[f'recall@{k}']:.4f}"
+                     f"{bold} | {r[f'map@{k}']:.4f} | {r['index_bytes'] / 2**20:.2f} MiB | {r['ms_per_query']:.3f} |")
+    return lines
 
 
 def comparison_markdown(results):
@@ -305,6 +329,9 @@ def log_results(args, accelerator, results, images):
     log_table(accelerator, "adaptive_retrieval", [
         {"run": run["label"], **{wandb_key(name): value for name, value in r.items()}}
         for run in runs for r in run["adaptive_retrieval"]], step=0)
+    log_table(accelerator, "quantized_retrieval", [
+        {"run": run["label"], **{wandb_key(name): value for name, value in r.items()}}
+        for run in runs for r in run.get("quantized_retrieval") or []], step=0)
     log_image_files(accelerator, {f"plots/{name}": path for name, path in images.items()}, step=0)
     summary = {f"{run['label']}/{wandb_key(key)}_d{r['dim']}": r[key] for run in runs for r in run["per_dim"]
                for key, _ in columns if r.get(key) is not None}
@@ -329,6 +356,8 @@ def adaptive_summary(run, k):
                         f"{label}/adaptive_{source}_accuracy": best["accuracy"],
                         f"{label}/adaptive_{source}_full_dim_accuracy": full})
     rows = run["adaptive_retrieval"]
+    if not rows:  # --no-adaptive_retrieval
+        return summary
     full = next(r for r in rows if r["shortlist"] is None)[f"map@{k}"]
     best = min((r for r in rows if r[f"map@{k}"] >= full - ADAPTIVE_TOLERANCE), key=lambda r: r["shortlist_dim"])
     summary.update({f"{label}/adaptive_retrieval_shortlist_dim": best["shortlist_dim"],

@@ -1,6 +1,7 @@
 """The embedding store embed.py writes and searches: embeddings.parquet (metadata columns and one L2-normalized
 prefix column `embedding_<d>` per dim, a `datasets` dataset in Parquet), the faiss index over a small prefix that a
-search shortlists with, and embed.json, which says what was built (the model, the source, the dims, the index)."""
+search shortlists with (at float32, int8 or binary precision: mrl.eval.quantized), and embed.json, which says what was
+built (the model and a digest of its weights, the source, the dims, the index)."""
 
 import json
 import os
@@ -13,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from mrl import UserError
+from mrl.eval.quantized import ShortlistIndex, bytes_per_image
 
 EMBEDDINGS, MANIFEST = "embeddings.parquet", "embed.json"
-INDEX_TYPES = ("flat", "hnsw")
 
 
 class EmbeddingWriter:
@@ -25,16 +26,15 @@ class EmbeddingWriter:
 
     CHUNK_ROWS = 8192
 
-    def __init__(self, output_dir, checkpoint, metadata, class_names, dims, index_dim=None, index_type="flat",
-                 origin=None):
+    def __init__(self, output_dir, checkpoint, model_digest, metadata, class_names, dims, index_dim=None,
+                 index_type="flat", index_precision="float32", origin=None):
         self.output_dir, self.checkpoint, self.metadata, self.class_names = output_dir, checkpoint, metadata, class_names
-        self.dims, self.index_dim, self.index_type, self.origin = dims, index_dim, index_type, origin
+        self.model_digest, self.dims, self.origin = model_digest, dims, origin
+        self.index_dim, self.index_type, self.index_precision = index_dim, index_type, index_precision
         self.total = len(metadata[next(iter(metadata))])
         self.written = np.zeros(self.total, dtype=bool)
-        self.pending, self.pending_rows, self.parquet, self.index = [], 0, None, None
+        self.pending, self.pending_rows, self.parquet = [], 0, None
         os.makedirs(output_dir, exist_ok=True)
-        if index_dim is not None:
-            self.index = new_index(index_dim, index_type)
 
     def add(self, features, positions):
         self.pending.append((features, positions))
@@ -53,8 +53,6 @@ class EmbeddingWriter:
         for d in self.dims:
             prefix = F.normalize(features[:, :d].float(), dim=1).numpy()
             columns[f"embedding_{d}"] = pa.FixedSizeListArray.from_arrays(pa.array(prefix.reshape(-1)), d)
-            if self.index is not None and d == self.index_dim:
-                self.index.add(prefix)
         table = pa.table(columns)
         if self.parquet is None:
             schema = datasets.Features.from_arrow_schema(table.schema)
@@ -74,15 +72,17 @@ class EmbeddingWriter:
         skipped = len(unreadable)
         columns = [*self.metadata, *(f"embedding_{d}" for d in self.dims)]
         checkpoint = os.path.abspath(self.checkpoint) if os.path.isdir(self.checkpoint) else self.checkpoint
-        manifest = {"checkpoint": checkpoint,
+        manifest = {"checkpoint": checkpoint, "model_digest": self.model_digest,
                     "source": source, "count": kept, "skipped_unreadable": skipped, "dims": self.dims,
                     "columns": columns, "normalized": True, "index": None, "dataset": self.origin}
-        if self.index is not None:
-            name = f"index_d{self.index_dim}_{self.index_type}.faiss"
-            import faiss
-
-            faiss.write_index(self.index, os.path.join(self.output_dir, name))
-            manifest["index"] = {"file": name, "dim": self.index_dim, "type": self.index_type,
+        if self.index_dim is not None:  # built from the written column: int8's calibration needs all of it
+            d, kind, precision = self.index_dim, self.index_type, self.index_precision
+            table = pq.read_table(os.path.join(self.output_dir, EMBEDDINGS), columns=[f"embedding_{d}"])
+            index = ShortlistIndex(columns_matrix(table, d), precision, kind)
+            name = f"index_d{d}_{kind}_{precision}.faiss"
+            index.save(os.path.join(self.output_dir, name))
+            manifest["index"] = {"file": name, "dim": d, "type": kind, "precision": precision,
+                                 "bytes_per_image": bytes_per_image(d, precision), "index_bytes": index.nbytes(),
                                  "rerank_dim": self.dims[-1]}
         with open(os.path.join(self.output_dir, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
@@ -93,7 +93,8 @@ class EmbeddingWriter:
         log(f"embedded {kept} images in {seconds:.1f} s"
             + (f" ({skipped} unreadable, skipped: {named})" if skipped else "")
             + f"; wrote {os.path.join(self.output_dir, EMBEDDINGS)} (columns {', '.join(columns)})"
-            + (f" and a {self.index_type} index over dim {self.index_dim}" if self.index_dim else ""))
+            + (f" and a {self.index_type} {self.index_precision} index over dim {self.index_dim}"
+               if self.index_dim else ""))
 
 
 def columns_matrix(table, d):
@@ -102,24 +103,19 @@ def columns_matrix(table, d):
     return torch.from_numpy(column.combine_chunks().flatten().to_numpy().reshape(-1, d).copy())
 
 
-def new_index(dim, kind):
-    """An empty faiss inner-product index over `dim`-dim vectors: exact (flat) or an HNSW graph."""
-    import faiss
+def read_store(folder):
+    """(embed.json, the embeddings table) of an embed.py --output_dir; one line when it is not one."""
+    manifest_file = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest_file):
+        raise UserError(f"--index {folder} holds no {MANIFEST}: give an --output_dir written by embed.py")
+    with open(manifest_file) as f:
+        manifest = json.load(f)
+    return manifest, pq.read_table(os.path.join(folder, EMBEDDINGS))
 
-    return faiss.IndexFlatIP(dim) if kind == "flat" else faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
 
-
-class FaissShortlist:
-    """A saved faiss index in the interface mrl.eval.retrieval.funnel_search takes: search(queries, k) -> top-k ids."""
-
-    def __init__(self, path):
-        import faiss
-
-        self.index = faiss.read_index(path)
-
-    def search(self, queries, k):
-        if hasattr(self.index, "hnsw"):
-            self.index.hnsw.efSearch = max(128, k)  # the candidate list must hold at least k
-        _, ids = self.index.search(queries.float().cpu().numpy(), k)
-        ids = torch.from_numpy(ids)
-        return torch.where(ids < 0, ids[:, :1], ids)  # -1: a slot HNSW could not fill; repeat the best hit
+def load_shortlist_index(folder, manifest):
+    """The store's shortlist index, or None when it was built without one (indexes of earlier versions: float32)."""
+    index = manifest.get("index")
+    if not index:
+        return None
+    return ShortlistIndex.load(os.path.join(folder, index["file"]), index.get("precision", "float32"))

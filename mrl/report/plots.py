@@ -103,6 +103,40 @@ def adaptive_retrieval(points, path, metric, title="Adaptive retrieval: shortlis
     return _save(fig, path, ax, legend_fontsize=7)
 
 
+PRECISION_MARKERS = {"float32": "o", "int8": "s", "binary": "^"}
+
+
+def quantized_retrieval(rows_by_run, path, metric, shortlist, title="What an index's bytes buy"):
+    """rows_by_run: {label: [{"bytes_per_image", "precision", "shortlist_dim", metric}]}; one marker per (shortlist
+    dim, precision) -- its shape the precision, its note the dim -- and each run's Pareto front as a line (the best
+    `metric` for the bytes), on a log-2 axis of bytes per image."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in rows_by_run.items():
+        front = sorted(pareto(rows, metric), key=lambda r: r["bytes_per_image"])
+        line = ax.plot([r["bytes_per_image"] for r in front], [r[metric] for r in front], "-", alpha=0.7,
+                       label=f"{label} (line: Pareto front)")[0]
+        for r in rows:
+            ax.plot(r["bytes_per_image"], r[metric], PRECISION_MARKERS.get(r["precision"], "o"),
+                    color=line.get_color(), markersize=5 if r in front else 3.5, alpha=1 if r in front else 0.5)
+            if r in front:
+                ax.annotate(str(r["shortlist_dim"]), (r["bytes_per_image"], r[metric]), textcoords="offset points",
+                            xytext=(3, -9), fontsize=6, color=line.get_color())
+    for precision, marker in PRECISION_MARKERS.items():
+        ax.plot([], [], marker, color="gray", label=precision)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bytes per image in the shortlist index (log 2)")
+    ax.set_ylabel(f"{metric} of the full-dim float32 search")
+    ax.set_title(f"{title} (shortlist {shortlist}, re-ranked in float32 at full d)", fontsize=9)
+    return _save(fig, path, ax, legend_fontsize=7)
+
+
+def pareto(rows, metric):
+    """The rows no other row beats: fewer bytes for at least as much `metric`, or as few bytes for more."""
+    return [r for r in rows if not any(
+        (o["bytes_per_image"] <= r["bytes_per_image"] and o[metric] > r[metric])
+        or (o["bytes_per_image"] < r["bytes_per_image"] and o[metric] >= r[metric]) for o in rows)]
+
+
 def _save(fig, path, ax=None, legend_fontsize=None):
     """Grid and legend on a line plot's axes (when given), then write the PNG and free the figure."""
     if ax is not None:
