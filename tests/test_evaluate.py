@@ -49,10 +49,12 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(checkpoints):
     """Both checkpoints in one table, at dims inside and outside the training list (24 is not a head), with the
-    features extracted by two processes."""
+    features extracted by two processes; on the whole training split (--max_train_samples 0: the run trained on 256
+    of its images, which evaluate.py would otherwise keep to)."""
     out = checkpoints / "out1"
     result = run_script("evaluate.py", "--checkpoint", checkpoints / "sup", checkpoints / "ssl", "--labels", "MRL",
                         "SSL", "--dims", "8,24,512", "--shortlist", 50, "--num_workers", 0, "--batch_size", 64,
+                        "--max_train_samples", 0,
                         "--output_dir", out, tmp_path=checkpoints, processes=2)
     return out, result, json.loads((out / "results.json").read_text())
 
@@ -131,7 +133,8 @@ def test_second_evaluation_reads_the_feature_cache(checkpoints, first_run, tmp_p
     mtimes = [p.stat().st_mtime_ns for p in cache]
     out = tmp_path / "out2"
     result = run_script("evaluate.py", "--checkpoint", checkpoints / "sup", "--dims", 8, 16, "--no-pca",
-                        "--num_workers", 0, "--output_dir", out, tmp_path=tmp_path, wandb=True)
+                        "--max_train_samples", 0, "--num_workers", 0, "--output_dir", out, tmp_path=tmp_path,
+                        wandb=True)
     assert result.stdout.count("loaded cached features") == 3 and "extracted" not in result.stdout
     assert [p.stat().st_mtime_ns for p in cache] == mtimes
     assert sorted((checkpoints / "sup" / "features").glob("*.npy")) == cache  # other dims, same features

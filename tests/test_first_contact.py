@@ -24,39 +24,44 @@ pytestmark = pytest.mark.xdist_group("test_first_contact")
 SMALL = [*DIGITS_FAST, "--max_train_samples", 64, "--epochs", 1, "--dims", "8,512"]
 
 
-def test_a_command_run_again_writes_beside_the_first_and_latest_resumes_the_newest(tmp_path):
-    """Without --output_dir, the second run of a command writes runs/<name>_2 and says so (the first is kept); under
-    `accelerate launch` too; --resume_from_checkpoint latest continues the newest of them; an explicit --output_dir
-    that holds a run is still refused."""
-    first = run_script("train_supervised.py", *SMALL, tmp_path=tmp_path)
-    base = tmp_path / "runs" / "supervised_mrl_digits_resnet18"
-    assert f"output: {os.path.join('runs', base.name)}" in first.stdout and (base / "model.safetensors").is_file()
-    again = run_script("train_supervised.py", *SMALL, tmp_path=tmp_path)
-    assert (f"--output_dir not given: {os.path.join('runs', base.name)} holds a run, so this run writes to "
-            f"{os.path.join('runs', base.name)}_2") in again.stdout
-    assert (tmp_path / "runs" / f"{base.name}_2" / "model.safetensors").is_file()
-
+@pytest.fixture(scope="module")
+def reruns(tmp_path_factory):
+    """A documented command run as a newcomer runs it, without --output_dir: first with --resume_from_checkpoint
+    latest (nothing to resume yet), again under `accelerate launch`, then again with latest; and once with an explicit
+    --output_dir that holds a run. (the folder, the default run folder, {name: result})."""
+    tmp = tmp_path_factory.mktemp("reruns")
+    base = tmp / "runs" / "supervised_mrl_digits_resnet18"
+    first = run_script("train_supervised.py", *SMALL, "--resume_from_checkpoint", "latest", tmp_path=tmp)
     launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
                                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                                str(ROOT / "train_supervised.py"), *map(str, SMALL), "--report_to", "none"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              cwd=tmp, capture_output=True, text=True, timeout=600,
                               env=dict(os.environ, HF_DATASETS_DISABLE_PROGRESS_BARS="1"))
     assert launched.returncode == 0, launched.stderr[-2000:]
-    assert (tmp_path / "runs" / f"{base.name}_3" / "model.safetensors").is_file()
-
-    resumed = run_script("train_supervised.py", *SMALL, "--resume_from_checkpoint", "latest", tmp_path=tmp_path)
-    assert f"so this run continues {os.path.join('runs', base.name)}_3" in resumed.stdout
-    assert "resumed from" in resumed.stdout and not (tmp_path / "runs" / f"{base.name}_4").exists()
-
-    refused = run_script("train_supervised.py", *SMALL, "--output_dir", base, tmp_path=tmp_path, check=False)
-    assert refused.returncode == 1 and f"--output_dir {base} already holds a run" in refused.stderr
+    resumed = run_script("train_supervised.py", *SMALL, "--resume_from_checkpoint", "latest", tmp_path=tmp)
+    refused = run_script("train_supervised.py", *SMALL, "--output_dir", base, tmp_path=tmp, check=False)
+    return tmp, base, {"first": first, "launched": launched, "resumed": resumed, "refused": refused}
 
 
-def test_latest_on_a_fresh_folder_says_it_starts_from_step_0(tmp_path):
-    out = tmp_path / "fresh"
-    result = run_script("train_supervised.py", *SMALL, "--output_dir", out, "--resume_from_checkpoint", "latest",
-                        tmp_path=tmp_path)
-    assert f"no checkpoint in {out / 'checkpoints'}: starting from step 0" in result.stdout
+def test_a_command_run_again_writes_beside_the_first_and_latest_resumes_the_newest(reruns):
+    """Without --output_dir, the second run of a command (here under `accelerate launch`) writes runs/<name>_2 and
+    says so, the first kept; --resume_from_checkpoint latest continues the newest of them; an explicit --output_dir
+    that holds a run is still refused."""
+    tmp, base, results = reruns
+    name = os.path.join("runs", base.name)
+    assert f"output: {name}" in results["first"].stdout and (base / "model.safetensors").is_file()
+    assert (f"--output_dir not given: {name} holds a run, so this run writes to {name}_2"
+            in results["launched"].stdout)
+    assert (tmp / "runs" / f"{base.name}_2" / "model.safetensors").is_file()
+    assert f"so this run continues {name}_2" in results["resumed"].stdout
+    assert "resumed from" in results["resumed"].stdout and not (tmp / "runs" / f"{base.name}_3").exists()
+    assert results["refused"].returncode == 1 and f"--output_dir {base} already holds a run" in results["refused"].stderr
+
+
+def test_latest_on_a_fresh_folder_says_it_starts_from_step_0(reruns):
+    _, base, results = reruns
+    assert f"no checkpoint in {os.path.join('runs', base.name, 'checkpoints')}: starting from step 0" \
+        in results["first"].stdout
 
 
 @pytest.mark.parametrize("module, argv, expected", [
@@ -82,11 +87,10 @@ def test_a_wrong_checkpoint_with_wandb_on_writes_nothing(tmp_path):
     assert not missing.exists() and not list((tmp_path / "wandb").iterdir())  # no W&B run started, no folder made
 
 
-def test_a_small_run_is_evaluated_on_its_own_subset_unless_asked_otherwise(tmp_path):
-    run = tmp_path / "small"
-    run_script("train_supervised.py", *SMALL, "--output_dir", run, tmp_path=tmp_path)
+def test_a_small_run_is_evaluated_on_its_own_subset_unless_asked_otherwise(reruns, tmp_path):
+    _, run, _ = reruns  # trained on 64 of the 1,437 training images
     common = ("evaluate.py", "--checkpoint", run, "--dims", "8,512", "--no-pca", "--num_workers", 0,
-              "--no-retrieval_grid", "--feature_cache", "none")
+              "--no-retrieval_grid", "--no-adaptive_retrieval", "--feature_cache", "none")
     result = run_script(*common, "--output_dir", tmp_path / "own", tmp_path=tmp_path)
     assert "trained with --max_train_samples 64: evaluating on the same training subset" in result.stdout
     assert json.loads((tmp_path / "own" / "results.json").read_text())["runs"][0]["n"]["train"] == 64
