@@ -39,7 +39,7 @@ def transformed(cells, size, train, reduced, decoder="pil", epoch=0):
     transform.epoch = epoch
     taken, decode = [], transform.reduced
     if decode is not None:  # ReducedDecode answers None where the full path decodes
-        transform.reduced = lambda data: taken.append(decode(data)) or taken[-1]
+        transform.reduced = lambda image, data: taken.append(decode(image, data)) or taken[-1]
     out = transform({"image": cells, "label": [0] * len(cells), "index": list(range(len(cells)))})
     return out["pixel_values"], [t is not None for t in taken]
 
@@ -77,16 +77,17 @@ def test_evaluation_resize_and_centre_crop_at_a_reduced_scale(photos):
 
 
 def test_what_is_not_a_plain_jpeg_decodes_as_without_it(tmp_path):
-    cells = list(hard_cases(tmp_path).values())
-    full, _ = transformed(cells, 16, True, False)
-    reduced, taken = transformed(cells, 16, True, True)
-    for name, a, b, was_reduced in zip(hard_cases(tmp_path), full, reduced, taken):
+    cases = hard_cases(tmp_path)
+    full, _ = transformed(list(cases.values()), 16, True, False)
+    reduced, taken = transformed(list(cases.values()), 16, True, True)
+    assert sum(taken) == 3  # the plain JPEGs of 120x80 (RGB, progressive, grayscale): their 16 px crops reduce
+    for name, a, b in zip(cases, full, reduced):
         if name in ("truncated", "junk"):
             assert a is None and b is None, name
         elif name in ("cmyk", "png", "rotated"):  # PIL in full, as without the flag
-            assert not was_reduced and torch.equal(a, b), name
-        else:  # plain JPEGs of 120x80, grayscale and progressive among them: their 16 px crops reduce
-            assert was_reduced and a.shape == b.shape == (3, 16, 16) and psnr(a, b) > 25, name  # measured 36-41 dB
+            assert torch.equal(a, b), name
+        else:
+            assert a.shape == b.shape == (3, 16, 16) and psnr(a, b) > 25, name  # measured 36-41 dB
 
 
 def test_which_transforms_and_scales():

@@ -50,37 +50,43 @@ def reduced_transform(transform):
 
 
 class ReducedDecode:
-    """Encoded bytes -> the transformed tensor, decoded at a reduced scale; None where that does not apply (see the
-    module docstring), with the random numbers left as they were found."""
+    """(a parsed header, its encoded bytes) -> the transformed tensor, decoded at a reduced scale; None where that
+    does not apply (see the module docstring), with the random numbers left as they were found."""
 
     def __init__(self, geometry, rest):
         self.geometry, self.rest = geometry, rest
         self.resample = F.pil_modes_mapping[geometry[0].interpolation]
 
-    def __call__(self, data):
-        image = open_header(data)
-        if image is None or not is_plain_jpeg(image, data):
+    def __call__(self, image, data):
+        """`image`: open_header(data), left undecoded (the full path may decode it next)."""
+        if not is_plain_jpeg(image, data):
             return None
-        state = torch.random.get_rng_state()
         width, height = image.size
         first = self.geometry[0]
-        if type(first) is T.RandomResizedCrop:  # the box, drawn from the header's size: the full path's draws
-            top, left, box_height, box_width = first.get_params(image, first.scale, first.ratio)
-            box, (out_height, out_width) = (left, top, left + box_width, top + box_height), first.size
+        if type(first) is T.RandomResizedCrop:
+            out_height, out_width = first.size
+            if min(width / out_width, height / out_height) < SCALES[-1]:  # no box can be reduced: draw nothing
+                return None
+            state = torch.random.get_rng_state()
+            top, left, box_height, box_width = first.get_params(image, first.scale, first.ratio)  # the full path's draws
+            box = (left, top, left + box_width, top + box_height)
         else:  # the whole image, to the size the full path resizes it to
+            state = None
             box, (out_height, out_width) = (0, 0, width, height), resized_size(first.size, height, width)
         scale = reduction((box[2] - box[0]) / out_width, (box[3] - box[1]) / out_height)
         try:
-            if scale == 1 or image.draft("RGB", (width // scale, height // scale)) is None \
-                    or image.size != (-(-width // scale), -(-height // scale)):
+            reduced = open_header(data)  # a copy of its own: `image` stays as it was for the full path
+            if scale == 1 or reduced.draft("RGB", (width // scale, height // scale)) is None \
+                    or reduced.size != (-(-width // scale), -(-height // scale)):
                 raise ValueError("no reduced scale")
-            image = image if image.mode == "RGB" else image.convert("RGB")
+            reduced = reduced if reduced.mode == "RGB" else reduced.convert("RGB")
             # libjpeg's pixel i at scale 1/s covers source pixels [i*s, (i+1)*s): the box in its coordinates
-            image = image.resize((out_width, out_height), self.resample, box=tuple(c / scale for c in box))
+            reduced = reduced.resize((out_width, out_height), self.resample, box=tuple(c / scale for c in box))
         except Exception:  # not reduced, or not decodable: the full path decides, with the same random numbers
-            torch.random.set_rng_state(state)
+            if state is not None:
+                torch.random.set_rng_state(state)
             return None
-        pixels = F2.pil_to_tensor(image)
+        pixels = F2.pil_to_tensor(reduced)
         if len(self.geometry) > 1:  # evaluation's centre crop
             pixels = F2.center_crop(pixels, list(self.geometry[1].size))
         return self.rest(pixels)

@@ -10,7 +10,7 @@ import torch
 import torchvision.transforms as T
 
 from mrl import UserError
-from mrl.batches.decode import open_image, read_bytes, resolve_decoder, tensor_transform
+from mrl.batches.decode import decode_opened, open_header, open_image, read_bytes, resolve_decoder, tensor_transform
 from mrl.batches.reduced_decode import reduced_transform
 
 
@@ -106,13 +106,16 @@ class ImageTransform:
 
     def views_of(self, item):
         """The sample's transformed views, or None when its image cannot be read."""
-        if self.reduced is not None:
+        as_tensor = self.tensor_transform is not None
+        if self.reduced is None:
+            image = open_image(item, self.decoder, as_tensor)
+        else:  # the header parsed once, for both paths
             data = read_bytes(item)
-            view = self.reduced(data) if data else None
+            header = open_header(data) if data else None
+            view = self.reduced(header, data) if header is not None else None
             if view is not None:
                 return [view]
-            item = {"bytes": data, "path": None} if data else item  # read once
-        image = open_image(item, self.decoder, as_tensor=self.tensor_transform is not None)
+            image = decode_opened(header, data, self.decoder, as_tensor) if header is not None else None
         if image is None:
             return None
         transform = self.tensor_transform if torch.is_tensor(image) else self.transform
