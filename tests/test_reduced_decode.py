@@ -1,6 +1,7 @@
 """mrl.batches.reduced_decode (--reduced_decode) on scikit-learn's real photos and the tiny ImageNet: the same crops and
 flips as a full decode from the same seeds, pixels close to a full decode's with the same crop where a reduced scale
-is used, identical where it is not (the full scale needed, or not a plain JPEG), and a training run like the default's."""
+is used, identical where it is not (the full scale needed, or not a plain JPEG), and a training run like the
+default's."""
 
 import io
 import json
@@ -53,7 +54,8 @@ def test_training_crops_are_the_full_decodes_crops(photos, decoder):
     cells = [{"bytes": photos[i % 4], "path": None} for i in range(24)]
     full, _ = transformed(cells, 112, True, False, decoder)
     reduced, taken = transformed(cells, 112, True, True, decoder)
-    assert 0 < sum(taken) < len(cells)  # 112 px crops of 640-1,280 px photos: 1/2 to 1/8, or the full scale for the smaller boxes
+    # 112 px crops of 640-1,280 px photos: at 1/2 to 1/8, or the full scale for the smaller boxes
+    assert 0 < sum(taken) < len(cells)
     for a, b, was_reduced in zip(full, reduced, taken):
         if not was_reduced:
             assert torch.equal(a, b)  # the full path, with the random numbers rewound: the same pixels

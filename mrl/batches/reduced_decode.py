@@ -34,7 +34,8 @@ SCALES = (8, 4, 2)  # libjpeg's reduced scales, 1/8 first: the cheapest that sti
 
 def reduced_transform(transform):
     """ReducedDecode for build_transform's T.Compose, or None when its first steps are not a RandomResizedCrop or a
-    Resize (optionally followed by a CenterCrop), or a later step has no tensor twin (the SSL recipe's colour jitter)."""
+    Resize (optionally followed by a CenterCrop), or a later step has no tensor twin (the SSL recipe's colour
+    jitter)."""
     steps = list(getattr(transform, "transforms", []))
     if not steps or not any(isinstance(step, T.ToTensor) for step in steps):
         return None
@@ -68,15 +69,18 @@ class ReducedDecode:
             if min(width / out_width, height / out_height) < SCALES[-1]:  # no box can be reduced: draw nothing
                 return None
             state = torch.random.get_rng_state()
-            top, left, box_height, box_width = first.get_params(image, first.scale, first.ratio)  # the full path's draws
+            # the full path's draws, from the header's size
+            top, left, box_height, box_width = first.get_params(image, first.scale, first.ratio)
             box = (left, top, left + box_width, top + box_height)
         else:  # the whole image, to the size the full path resizes it to
             state = None
             box, (out_height, out_width) = (0, 0, width, height), resized_size(first.size, height, width)
         scale = reduction((box[2] - box[0]) / out_width, (box[3] - box[1]) / out_height)
         try:
+            if scale == 1:
+                raise ValueError("the full scale is needed")
             reduced = open_header(data)  # a copy of its own: `image` stays as it was for the full path
-            if scale == 1 or reduced.draft("RGB", (width // scale, height // scale)) is None \
+            if reduced.draft("RGB", (width // scale, height // scale)) is None \
                     or reduced.size != (-(-width // scale), -(-height // scale)):
                 raise ValueError("no reduced scale")
             reduced = reduced if reduced.mode == "RGB" else reduced.convert("RGB")

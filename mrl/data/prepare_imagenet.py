@@ -209,9 +209,12 @@ def check_output(output, plan, digest, settings):
     earlier = _read_json(os.path.join(state, PLAN_FILE))
     ours = {s["name"] for s in plan} | {shards.INFO_FILE, STATE_FOLDER}
     others = sorted(e for e in os.listdir(output) if e.removesuffix(PARTIAL) not in ours)
-    if others or (earlier is None and set(os.listdir(output)) - {STATE_FOLDER}):
-        raise UserError(f"--output {output} holds other files ({', '.join(others[:3]) or 'shards of no plan'}"
-                        f"{', ...' if len(others) > 3 else ''}): prepare into a new or empty folder")
+    if others:
+        named = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(f"--output {output} holds other files ({named}): prepare into a new or empty folder")
+    if earlier is None and set(os.listdir(output)) - {STATE_FOLDER}:
+        raise UserError(f"--output {output} holds shards without the plan that wrote them "
+                        f"({STATE_FOLDER}/{PLAN_FILE}): prepare into a new or empty folder")
     if earlier is not None and earlier.get("digest") != digest:
         differs = [k for k, v in settings.items() if earlier.get("settings", {}).get(k) != v] or ["the source's images"]
         raise UserError(f"--output {output} holds a preparation with another {', '.join(differs)}: finish it with "
