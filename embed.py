@@ -24,11 +24,11 @@ examples:
 import os
 import time
 
-import datasets
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import datasets
 from mrl import UserError
 from mrl.batches.decode import open_image
 from mrl.batches.transforms import Collate, FillUnreadable, ImageTransform

@@ -25,10 +25,10 @@ import argparse
 import json
 import os
 
-import datasets
 import torch
 import torchvision.transforms as T
 
+import datasets
 from mrl import UserError, cli
 from mrl.batches.device_data import DeviceLoader
 from mrl.batches.loaders import epoch_loader

@@ -119,6 +119,15 @@ def get_args_parser():
                             "with the seeds the workers would use. For when the CPUs cannot feed the GPUs: about 300 "
                             "images/s per core decode on a CPU, an A100 trains ResNet-50 at ~3,300 (benchmarks/README.md)."
                             " Training augmentations other than resized_crop_flip (imagenet, custom) stay on the CPU")
+    group.add_argument("--reduced_decode", action="store_true",
+                       help="decode each plain JPEG in the workers at the largest of libjpeg's reduced scales (1/2, "
+                            "1/4, 1/8) that still gives its crop at least the output resolution: the crop box drawn "
+                            "from the header first (the same boxes and flips as without it), the rest of the image's "
+                            "pixels never computed. Changes the pixels of the crops it reduces (PSNR about 42 dB "
+                            "against a full decode with the same crop; mrl/batches/reduced_decode.py), so it is off by "
+                            "default; pays on images well above the training resolution (benchmarks/README.md). "
+                            "RandomResizedCrop and evaluation's Resize -> CenterCrop; other augmentations decode in "
+                            "full")
     cli.add_run_args(parser, default_epochs=None)
     parser._option_string_actions["--epochs"].help = "training epochs (default: 15, the blog's; 40 for imagenet)"
     cli.add_hub_args(parser)
@@ -136,7 +145,8 @@ def main(args):
     # ---- data: train / validation / test, decoded and augmented lazily in the DataLoader workers
     splits = load_data(run, streams=True)  # webdataset shards come as streams (mrl.data.shards)
     train_transform = attach_transforms(splits, preset.augment, args.image_size, preset.mean, preset.std, args.seed,
-                                        decoder=args.decoder, preprocessing=source.preprocessing)
+                                        decoder=args.decoder, preprocessing=source.preprocessing,
+                                        reduced_decode=args.reduced_decode)
     eval_batch_size = args.batch_size * args.grad_accum_steps  # no activations kept for backward: bigger batches fit
     if args.decode_on_device:  # the workers send the JPEGs' bytes; forward decodes and augments them on the device
         splits.train.set_transform(EncodeTransform(args.decoder))
@@ -204,7 +214,8 @@ def main(args):
         + f"{' (MRL-E, tied)' if args.tied else ''}, {parameters:,} parameters"
         + f"\n{args.epochs} epochs x {steps} optimizer steps, "
         + f"{accelerator.num_processes} process(es), mixed precision: {accelerator.mixed_precision}, "
-        + f"JPEGs decoded {'on the device' if args.decode_on_device else f'in the workers ({args.decoder})'}, "
+        + f"JPEGs decoded {'on the device' if args.decode_on_device else f'in the workers ({args.decoder})'}"
+        + (" at reduced scales where the crops allow" if args.reduced_decode else "") + ", "
         + f"output: {args.output_dir}")
 
     # ---- train; the heads' validation accuracy after every epoch
@@ -285,6 +296,9 @@ def check_args(args):
     if args.decode_on_device and get_preset(args.dataset).augment != "resized_crop_flip":
         raise UserError(f"--decode_on_device draws RandomResizedCrop + flip on the device; --dataset {args.dataset} "
                         f"trains with its own augmentation ({get_preset(args.dataset).augment})")
+    if args.decode_on_device and args.reduced_decode:
+        raise UserError("--reduced_decode decodes in the DataLoader workers, --decode_on_device on the device: choose "
+                        "one")
     if args.decode_on_device and args.dataset_path and is_webdataset(args.dataset_path):
         raise UserError("--decode_on_device reads map-style sources (an ILSVRC folder, the Hub's parquet layout); "
                         "webdataset shards decode in the workers")

@@ -21,7 +21,6 @@ import os
 import shutil
 from pathlib import Path
 
-import datasets
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+import datasets
 from mrl import UserError
 from mrl.batches.decode import open_image
 from mrl.batches.transforms import eval_transform

@@ -103,7 +103,6 @@ def _class_image(name, names):
 
 def _write_parquet(root, samples):
     import datasets
-
     from mrl.data.imagenet import class_label
 
     features = datasets.Features({"image": datasets.Image(), "label": class_label()})

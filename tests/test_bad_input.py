@@ -6,11 +6,11 @@ than a subprocess per case; tests/test_train_supervised.py checks the same on th
 import io
 import json
 
-import datasets
 import pytest
 from PIL import Image
 from test_data import make_image_folder
 
+import datasets
 import evaluate
 import train_ssl
 import train_supervised

@@ -1,12 +1,12 @@
 import io
 from collections import Counter
 
-import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import datasets
 from mrl import UserError
 from mrl.batches.decode import open_image
 from mrl.batches.transforms import (

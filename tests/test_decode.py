@@ -5,7 +5,6 @@ import io
 import os
 import sys
 
-import datasets
 import numpy as np
 import pytest
 import sklearn.datasets
@@ -13,6 +12,7 @@ import torch
 from accelerate.utils import send_to_device
 from PIL import Image
 
+import datasets
 import mrl.batches.decode
 from mrl import UserError
 from mrl.batches.decode import is_plain_jpeg, open_header, open_image, resolve_decoder, torchcodec_decode_jpeg

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -19,6 +18,7 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import folder_with_unreadable_images, run_script
 from safetensors.torch import load_file
 
+import datasets
 import train_ssl
 from mrl.batches.device_data import CACHE_FOLDER, DeviceLoader, cached_decode, decode_transform, decoded_cache_key
 from mrl.batches.ssl_augment import BatchAugment, batch_seed

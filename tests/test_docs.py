@@ -28,7 +28,8 @@ PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 250
 
 # `python -m <module>` commands with a parser of their own; mrl.train.supervise wraps a launch command (its script is checked)
-MODULES = {"mrl.report.workspace": "mrl/report/workspace.py", "mrl.hub.convert_reference": "mrl/hub/convert_reference.py"}
+MODULES = {"mrl.report.workspace": "mrl/report/workspace.py", "mrl.hub.convert_reference": "mrl/hub/convert_reference.py",
+           "mrl.data.prepare_imagenet": "mrl/data/prepare_imagenet.py"}
 WRAPPERS = {"mrl.train.supervise"}
 # Programs whose own flags the docs may pass without running a script of ours (pip's --index-url, pytest's -n ...)
 FOREIGN = {"pip", "pip3", "hf", "wandb", "git", "sbatch", "srun", "bash", "sh", "timeout", "accelerate", "torchrun",

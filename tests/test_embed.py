@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from conftest import ROOT
 from PIL import Image
 
+import datasets
 import embed
 from mrl.data.sources import digits_dataset, load_splits
 from mrl.pretrained import MatryoshkaEncoder

@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-import datasets
 import pytest
 from conftest import DIGITS_FAST, ROOT, run_script
 
+import datasets
 import evaluate
 import train_ssl
 import train_supervised

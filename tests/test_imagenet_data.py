@@ -9,12 +9,12 @@ import shutil
 from collections import Counter
 from datetime import timedelta
 
-import datasets
 import httpx
 import pytest
 import torch
 import torchvision.transforms as T
 
+import datasets
 from mrl import UserError
 from mrl.batches.streams import StreamLoader
 from mrl.batches.transforms import ImageTransform, build_transform

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 
-import datasets
 import huggingface_hub
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from huggingface_hub import ModelCard, constants
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import datasets
 import evaluate
 import train_ssl
 import train_supervised

@@ -175,9 +175,9 @@ def test_embed_search_draws_its_results(run, folder, tmp_path, capsys):
 def test_thumbnails_come_from_the_split_without_its_transform():
     # an index embedded from a dataset names its rows by split and source row; the grid reads them back from the
     # splits embed.json records, here in another order than the splits'
-    import datasets
     import pyarrow as pa
 
+    import datasets
     from mrl.batches.transforms import ImageTransform
     from mrl.data.sources import load_splits
 

@@ -3,7 +3,6 @@ read from class folders, with ImageNet-A's 200-class restriction, on a run train
 
 import json
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -11,6 +10,7 @@ from conftest import run_script
 from PIL import Image
 from sklearn.datasets import load_digits
 
+import datasets
 import evaluate
 from mrl import UserError
 from mrl.batches.transforms import build_transform

@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 from wandb_history import config as wandb_config
 from wandb_history import history, run_dirs
 
+import datasets
 import train_ssl
 from mrl import UserError
 from mrl.batches.transforms import Collate, ImageTransform, build_transform

@@ -103,8 +103,11 @@ def open_image(item, decoder="pil", as_tensor=False):
     """
     data = read_bytes(item)
     image = open_header(data) if data else None
-    if image is None:
-        return None
+    return None if image is None else decode_opened(image, data, decoder, as_tensor)
+
+
+def decode_opened(image, data, decoder="pil", as_tensor=False):
+    """open_image for an image whose header is already parsed (open_header(data))."""
     decode_jpeg = torchcodec_decode_jpeg() if decoder == "torchcodec" else None
     if decode_jpeg is not None and is_plain_jpeg(image, data):
         try:

@@ -23,7 +23,6 @@ import shutil
 import time
 import uuid
 
-import datasets
 import numpy as np
 import torch
 import torchvision.transforms as T
@@ -31,6 +30,7 @@ from accelerate.data_loader import DataLoaderStateMixin, SeedableRandomSampler
 from accelerate.state import GradientState
 from tqdm.auto import tqdm
 
+import datasets
 from mrl import UserError
 from mrl.batches.loaders import EpochLoader
 from mrl.batches.transforms import ImageTransform

@@ -24,9 +24,9 @@ from itertools import count, islice
 import torch
 from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
-from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
+from datasets.distributed import split_dataset_by_node
 from mrl import UserError
 from mrl.batches.loaders import EpochLoader
 from mrl.utils.script import ignore_signals_in_worker

@@ -10,7 +10,8 @@ import torch
 import torchvision.transforms as T
 
 from mrl import UserError
-from mrl.batches.decode import open_image, resolve_decoder, tensor_transform
+from mrl.batches.decode import decode_opened, open_header, open_image, read_bytes, resolve_decoder, tensor_transform
+from mrl.batches.reduced_decode import reduced_transform
 
 
 def build_transform(augment, image_size, mean, std, train, preprocessing=None):
@@ -72,11 +73,14 @@ class ImageTransform:
     Unreadable images come out as None; FillUnreadable fills them in. `decoder` is --decoder (mrl.batches.decode): which
     library decodes the plain JPEGs. TorchCodec's tensor goes straight to `transform`'s steps when they all take
     tensors (mrl.batches.decode.tensor_transform: the same draws, pixels within a level), else through a PIL image.
+    `reduced_decode` (train_supervised.py --reduced_decode, one view only): a plain JPEG whose crop needs fewer pixels
+    than it has is decoded at a reduced scale (mrl.batches.reduced_decode); the others as without it.
     """
 
-    def __init__(self, transform, seed=None, views=1, decoder="pil"):
-        self.decoder = resolve_decoder(decoder)
-        self.transform, self.seed, self.views, self.epoch = transform, seed, views, 0
+    def __init__(self, transform, seed=None, views=1, decoder="pil", reduced_decode=False):
+        self.decoder, self.reduced_decode = resolve_decoder(decoder), reduced_decode
+        self.seed, self.views, self.epoch = seed, views, 0
+        self.transform = transform
 
     @property
     def transform(self):
@@ -86,23 +90,36 @@ class ImageTransform:
     def transform(self, transform):  # also between epochs: progressive resizing trains each at its own resolution
         self._transform = transform
         self.tensor_transform = tensor_transform(transform) if self.decoder == "torchcodec" else None
+        self.reduced = reduced_transform(transform) if self.reduced_decode and self.views == 1 else None
 
     def __call__(self, batch):
         samples, unreadable = [], []
         for item, index in zip(batch["image"], batch["index"]):
-            image = open_image(item, self.decoder, as_tensor=self.tensor_transform is not None)
-            transform = self.tensor_transform if torch.is_tensor(image) else self.transform
-            path = item.get("path") if isinstance(item, dict) else None  # a missing cell (None) too
-            unreadable.append(None if image is not None else path or f"row {index}")
-            if image is None:
-                samples.append(None)
-                continue
             with torch.random.fork_rng(devices=[], enabled=self.seed is not None):
                 if self.seed is not None:
                     torch.manual_seed(sample_seed(self.seed, self.epoch, int(index)))
-                views = [transform(image) for _ in range(self.views)]
-            samples.append(views[0] if self.views == 1 else views)
+                views = self.views_of(item)
+            path = item.get("path") if isinstance(item, dict) else None  # a missing cell (None) too
+            unreadable.append(None if views is not None else path or f"row {index}")
+            samples.append(None if views is None else views[0] if self.views == 1 else views)
         return {"pixel_values": samples, "label": batch["label"], "unreadable": unreadable}
+
+    def views_of(self, item):
+        """The sample's transformed views, or None when its image cannot be read."""
+        as_tensor = self.tensor_transform is not None
+        if self.reduced is None:
+            image = open_image(item, self.decoder, as_tensor)
+        else:  # the header parsed once, for both paths
+            data = read_bytes(item)
+            header = open_header(data) if data else None
+            view = self.reduced(header, data) if header is not None else None
+            if view is not None:
+                return [view]
+            image = decode_opened(header, data, self.decoder, as_tensor) if header is not None else None
+        if image is None:
+            return None
+        transform = self.tensor_transform if torch.is_tensor(image) else self.transform
+        return [transform(image) for _ in range(self.views)]
 
 
 class FillUnreadable(torch.utils.data.Dataset):
@@ -171,20 +188,21 @@ class Collate:
 
 
 def attach_transforms(splits, augment, image_size, mean, std, seed, views=1, train_transform=None, decoder="pil",
-                      preprocessing=None):
+                      preprocessing=None, reduced_decode=False):
     """set_transform on every split (train augmented and seeded, val/test plain); returns the train transform.
 
     `train_transform`, when given, is the per-image train transform to use instead of build_transform's for
     `augment` (e.g. the SSL recipe at another strength); val/test still get `augment`'s eval transform. `decoder`:
     --decoder (mrl.batches.decode.DECODERS). `preprocessing`: a pretrained backbone's (see build_transform).
+    `reduced_decode`: --reduced_decode (see ImageTransform), for every split.
     """
     decoder = resolve_decoder(decoder)  # here, so that a missing TorchCodec warns once
     train_transform = ImageTransform(
         train_transform or build_transform(augment, image_size, mean, std, train=True, preprocessing=preprocessing),
-        seed, views, decoder)
+        seed, views, decoder, reduced_decode)
     splits.train.set_transform(train_transform)
     plain = ImageTransform(build_transform(augment, image_size, mean, std, train=False, preprocessing=preprocessing),
-                           decoder=decoder)
+                           decoder=decoder, reduced_decode=reduced_decode)
     for ds in (splits.val, splits.test):
         if ds is not None:
             ds.set_transform(plain)

@@ -14,7 +14,6 @@ import math
 from collections import Counter
 
 import datasets
-
 from mrl.batches.decode import open_image
 from mrl.eval.retrieval import prefix_neighbors
 from mrl.report.plots import Thumb, retrieval_grid

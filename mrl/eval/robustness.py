@@ -12,10 +12,10 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-import datasets
 import numpy as np
 import torch
 
+import datasets
 from mrl import UserError
 from mrl.data.imagenet import CLASS_LISTS
 from mrl.utils import hub_access

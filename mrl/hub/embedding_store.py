@@ -6,13 +6,13 @@ built (the model and a digest of its weights, the source, the dims, the index)."
 import json
 import os
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+import datasets
 from mrl import UserError
 from mrl.eval.quantized import ShortlistIndex, bytes_per_image
 
