@@ -48,8 +48,6 @@ import mrl_pytorch  # noqa: E402  (imports neither our mrl nor the seed's)
 from fidelity_table import markdown, per_dim, summarize  # noqa: E402
 from mrl_pytorch import resnet_child_names, seed_to_ours  # noqa: E402
 
-from mrl.utils import script
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILTIN_SIDES = ("ours", "ours-nest-projector", "seed", "untrained", "seed-bn-train", "seed-online", "ours-online",
                  "seed-untrained")
@@ -430,5 +428,6 @@ if __name__ == "__main__":
         run_seed_job(parsed.worker)
     else:
         sys.path.insert(0, ROOT)
+        from mrl.utils import script  # ours, in this process only (the seed's jobs import the seed's mrl)
 
         script.run(main, parsed)
