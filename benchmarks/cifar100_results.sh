@@ -9,7 +9,8 @@
 #             16 px and all of the image, ~390 img/s on 2 cores), 512-d embedding
 #   budget    12 epochs, batch 128, AdamW 2e-3, the blog's ExponentialLR (x0.85 per epoch): the schedule does not
 #             depend on the number of epochs, so the checkpoint after epoch k IS a k-epoch run (the curves)
-#   variants  MRL, MRL-E, the single-head baseline (= FF-512), FF-8/16/32/64/128, one seed
+#   variants  MRL, MRL-E, the single-head baseline (= FF-512), FF-8/16/32/64/128 (seed 0); MRL and the baseline again
+#             with seed 1, for the spread
 #
 # Every stage resumes: a training run continues from its newest checkpoint, a finished run or evaluation is skipped,
 # so an interrupted script is relaunched unchanged. Training runs in LANES parallel lanes of one thread each (two
@@ -38,28 +39,30 @@ stage() {  # stage NAME COMMAND...: run it unless it finished before (or ONLY le
   echo "$name $((SECONDS - start)) s $(git rev-parse --short HEAD)" | tee -a "$OUT/timings.txt"
 }
 
-COMMON=(--dataset cifar100 --dataset_path "$DATA" --seed 0 --report_to none)
+COMMON=(--dataset cifar100 --dataset_path "$DATA" --report_to none)
 TRAIN=(--cifar_stem off --image_size 32 --epochs "$EPOCHS" --batch_size 128 --grad_accum_steps 1 --lr 2e-3
        --num_workers 1 --checkpoints_total_limit 1000 --resume_from_checkpoint latest)
 
-train() {  # train VARIANT: one supervised run
-  local flags
+train() {  # train VARIANT [SEED]: one supervised run (seed 0 in VARIANT/, another in seed<SEED>_VARIANT/)
+  local flags seed=${2:-0} name=$1
+  [[ $seed == 0 ]] || name=seed${seed}_$1
   case $1 in
     mrl) flags=() ;;
     mrl-e) flags=(--tied) ;;
     baseline) flags=(--baseline) ;;
     ff*) flags=(--fixed_feature "${1#ff}") ;;
   esac
-  stage "train_$1" env OMP_NUM_THREADS=$(( $(nproc) / LANES > 0 ? $(nproc) / LANES : 1 )) \
-    "$PYTHON" train_supervised.py "${COMMON[@]}" "${TRAIN[@]}" "${flags[@]}" --output_dir "$OUT/$1" \
-    > "$OUT/train_$1.log" 2>&1
+  stage "train_$name" env OMP_NUM_THREADS=$(( $(nproc) / LANES > 0 ? $(nproc) / LANES : 1 )) \
+    "$PYTHON" train_supervised.py "${COMMON[@]}" "${TRAIN[@]}" "${flags[@]}" --seed "$seed" \
+    --output_dir "$OUT/$name" > "$OUT/train_$name.log" 2>&1
 }
 
-# the curves' runs first (MRL against the baseline, and against FF-8/16 trained as long), then the rest
-VARIANTS=(mrl baseline ff8 ff16 mrl-e ff32 ff64 ff128)
+# the curves' runs first (MRL against the baseline, and against FF-8/16 trained as long), then the rest; then MRL and
+# the baseline with a second seed, whose spread says which of the first seed's differences are more than noise
+VARIANTS=(mrl baseline ff8 ff16 mrl-e ff32 ff64 ff128 mrl:1 baseline:1)
 for lane in $(seq 0 $((LANES - 1))); do
   (for i in "${!VARIANTS[@]}"; do
-     if (( i % LANES == lane )); then train "${VARIANTS[$i]}"; fi
+     if (( i % LANES == lane )); then train ${VARIANTS[$i]/:/ }; fi
    done) &
 done
 wait
@@ -69,6 +72,10 @@ EVAL=(--dims 8,16,32,64,128,512 --num_workers 2 --report_to none --no-retrieval_
 stage eval_final "$PYTHON" evaluate.py "${EVAL[@]}" --compare --output_dir "$OUT/eval_final" \
   --checkpoint "$OUT"/{mrl,mrl-e,baseline,ff8,ff16,ff32,ff64,ff128} \
   --labels MRL MRL-E baseline FF-8 FF-16 FF-32 FF-64 FF-128
+
+# the second seed: MRL and the baseline again, evaluated the same way
+stage eval_seed1 "$PYTHON" evaluate.py "${EVAL[@]}" --no-compare --no-adaptive_retrieval --output_dir "$OUT/eval_seed1" \
+  --checkpoint "$OUT"/seed1_{mrl,baseline} --labels "MRL (seed 1)" "baseline (seed 1)"
 
 # the curves: MRL's prefix and the baseline (cut to d, and PCA to d) probed after each epoch's checkpoint
 for epoch in 1 2 4 8; do
