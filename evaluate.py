@@ -35,7 +35,16 @@ from mrl.data.sources import load_splits, trained_rows
 from mrl.data.splits import split_record
 from mrl.eval.features import PCA_FIT_SAMPLES
 from mrl.eval.probe import L2_GRID, PROBE_MAX_TRAIN_SAMPLES
-from mrl.eval.protocols import evaluate_run, protocols
+from mrl.eval.protocols import (
+    STARTING_POINT,
+    add_starting_points,
+    embed_robustness_sets,
+    embed_splits,
+    evaluate_run,
+    load_run,
+    protocols,
+    run_label,
+)
 from mrl.eval.quantized import PRECISIONS
 from mrl.eval.results import (
     comparison,
@@ -48,7 +57,6 @@ from mrl.eval.results import (
 )
 from mrl.eval.retrieval_grid import default_grid_dims, evaluation_grid, split_thumbnails
 from mrl.eval.robustness import SHIFTED_SETS, heads_top1, load_shifted, parse_paths
-from mrl.eval.runs import STARTING_POINT, add_starting_points, embed_robustness_sets, embed_splits, load_run, run_label
 from mrl.hub.model_card import update_card_with_evaluation
 from mrl.matryoshka import default_dims, evaluation_dims, parse_dims
 from mrl.report.tracking import default_run_name, init_tracking, resolve_report_to

@@ -58,7 +58,7 @@ from mrl.train.run import (
     start_tracking,
     steps_per_epoch,
 )
-from mrl.train.schedules import constant_schedule, cosine_schedule
+from mrl.train.optim import constant_schedule, cosine_schedule
 from mrl.utils import script
 from mrl.utils.distributed import unwrap
 

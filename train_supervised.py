@@ -43,7 +43,7 @@ from mrl.train.optim import NO_DECAY, build_optimizer
 from mrl.train.publish import checkpoint_pusher
 from mrl.train.recipes import fill_recipe
 from mrl.train.run import data_loader, end_run, load_data, resolve_preset, start_run, start_tracking, steps_per_epoch
-from mrl.train.schedules import progressive_resolution, warmup_then
+from mrl.train.optim import progressive_resolution, warmup_then
 from mrl.utils import script
 from mrl.utils.distributed import unwrap
 

@@ -104,7 +104,7 @@ def run_ours(args, nest, memory_format):
     from mrl.ssl.model import SSLModel
     from mrl.ssl.projectors import Projector
     from mrl.train.loop import training_step
-    from mrl.train.schedules import cosine_schedule
+    from mrl.train.optim import cosine_schedule
     from mrl.utils.distributed import unwrap
 
     assert os.path.dirname(mrl.__file__) == os.path.join(ROOT, "mrl"), mrl.__file__

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from mrl.ssl.ema import EMA
-from mrl.train.schedules import cosine_schedule
+from mrl.train.optim import cosine_schedule
 
 
 def online_net():

@@ -24,7 +24,7 @@ import train_ssl
 from mrl.batches.decode import open_image
 from mrl.batches.transforms import build_transform
 from mrl.data.sources import load_splits
-from mrl.eval.runs import load_run
+from mrl.eval.protocols import load_run
 from mrl.run_folder.final_model import load_model
 
 spec = importlib.util.spec_from_file_location("fidelity_ssl", ROOT / "benchmarks" / "fidelity_ssl.py")

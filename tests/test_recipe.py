@@ -12,7 +12,7 @@ from mrl.matryoshka import MatryoshkaClassifier, MatryoshkaHeads, dim_weights, p
 from mrl.models.backbones import build_backbone
 from mrl.train.optim import parameter_groups
 from mrl.train.recipes import fill_recipe
-from mrl.train.schedules import exponential_schedule, progressive_resolution, warmup_then
+from mrl.train.optim import exponential_schedule, progressive_resolution, warmup_then
 
 
 def reference_lr_per_step(lr, epochs, peak_epoch, iters):

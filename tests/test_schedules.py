@@ -1,6 +1,6 @@
 import numpy as np
 
-from mrl.train.schedules import constant_schedule, cosine_schedule, exponential_schedule
+from mrl.train.optim import constant_schedule, cosine_schedule, exponential_schedule
 
 
 def test_exponential_schedule_is_exponential_lr_stepped_per_epoch():

@@ -5,7 +5,7 @@ After optimizer step k the target follows the online network by
     target <- gamma_k * target + (1 - gamma_k) * online        (parameters and floating-point buffers)
 
 with gamma_k a per-step array (mrl-pytorch and BYOL: cosine from the base gamma up to 1 over training; the base is
-0.995 in mrl-pytorch's run_training.py; see schedules.cosine_schedule). mrl-pytorch's two knobs are kept: until step `copy_until` (its
+0.995 in mrl-pytorch's run_training.py; see mrl.train.optim.cosine_schedule). mrl-pytorch's two knobs are kept: until step `copy_until` (its
 `update_gamma_after_step`) the target is a plain copy of the online network, and afterwards it moves only every
 `every` steps (its `update_gamma_every_n_steps`).
 
