@@ -51,4 +51,4 @@ stage eval_supervised "$PYTHON" evaluate.py "${EVAL[@]}" --compare --output_dir 
 stage eval_ssl "$PYTHON" evaluate.py "${EVAL[@]}" --output_dir "$OUT/eval_ssl" \
   --checkpoint "$OUT"/ssl_{relic,simclr,byol,vicreg,barlow_twins,untrained} \
   --labels ReLIC SimCLR BYOL VICReg "Barlow Twins" untrained
-"$PYTHON" benchmarks/results_report.py "$OUT"
+"$PYTHON" benchmarks/results_report.py --cifar10 "$OUT"
