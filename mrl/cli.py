@@ -80,7 +80,9 @@ def add_run_args(parser, default_epochs):
     group.add_argument("--epochs", type=int, default=default_epochs, help="training epochs")
     group.add_argument("--output_dir", default=None,
                        help="where the model, metrics, plots and checkpoints go (default: runs/<variant>_<dataset>_<model>, e.g. "
-                            "runs/supervised_mrl-e_cifar10_resnet18, runs/ssl_relic_cifar10_resnet18)")
+                            "runs/supervised_mrl-e_cifar10_resnet18, runs/ssl_relic_cifar10_resnet18; when that "
+                            "holds a run, a new one beside it: ..._2, ..._3; with --resume_from_checkpoint latest, "
+                            "the newest of them)")
     group.add_argument("--overwrite", action="store_true",
                        help="allow writing into an --output_dir that already holds a finished run or checkpoints")
     group.add_argument("--resume_from_checkpoint", default=None,
