@@ -16,7 +16,8 @@
 # so an interrupted script is relaunched unchanged. Training runs in LANES parallel lanes of one thread each (two
 # single-threaded runs train ~20% more images/s on 2 cores than one run on both). Stage timings go to timings.txt.
 # About 3 hours on 2 CPU cores, alone. ONLY=REGEX runs only the stages whose names match (e.g. ONLY=eval_epoch: the
-# curves' evaluations, once the MRL and baseline runs are trained, while the others still train).
+# curves' evaluations, once the MRL and baseline runs are trained, while the others still train). VARIANTS="..." trains
+# and compares fewer (or other) variants, e.g. VARIANTS="mrl baseline ff8 ff16 mrl-e ff32 mrl:1 baseline:1".
 #   Usage: bash benchmarks/cifar100_results.sh [output folder, default runs/cifar100_results]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +60,7 @@ train() {  # train VARIANT [SEED]: one supervised run (seed 0 in VARIANT/, anoth
 
 # the curves' runs first (MRL against the baseline, and against FF-8/16 trained as long), then the rest; then MRL and
 # the baseline with a second seed, whose spread says which of the first seed's differences are more than noise
-VARIANTS=(mrl baseline ff8 ff16 mrl-e ff32 ff64 ff128 mrl:1 baseline:1)
+read -r -a VARIANTS <<< "${VARIANTS:-mrl baseline ff8 ff16 mrl-e ff32 ff64 ff128 mrl:1 baseline:1}"
 for lane in $(seq 0 $((LANES - 1))); do
   (for i in "${!VARIANTS[@]}"; do
      if (( i % LANES == lane )); then train ${VARIANTS[$i]/:/ }; fi
@@ -69,9 +70,14 @@ wait
 
 # the comparison: every variant at the full budget, every protocol, on the 10,000 test images
 EVAL=(--dims 8,16,32,64,128,512 --num_workers 2 --report_to none --no-retrieval_grid)
+FINAL=() LABELS=()  # the seed-0 variants, labelled as the report's columns name them
+for variant in "${VARIANTS[@]}"; do
+  [[ $variant == *:* ]] && continue
+  FINAL+=("$OUT/$variant")
+  case $variant in mrl) LABELS+=(MRL) ;; mrl-e) LABELS+=(MRL-E) ;; ff*) LABELS+=("FF-${variant#ff}") ;; *) LABELS+=("$variant") ;; esac
+done
 stage eval_final "$PYTHON" evaluate.py "${EVAL[@]}" --compare --output_dir "$OUT/eval_final" \
-  --checkpoint "$OUT"/{mrl,mrl-e,baseline,ff8,ff16,ff32,ff64,ff128} \
-  --labels MRL MRL-E baseline FF-8 FF-16 FF-32 FF-64 FF-128
+  --checkpoint "${FINAL[@]}" --labels "${LABELS[@]}"
 
 # the second seed: MRL and the baseline again, evaluated the same way
 stage eval_seed1 "$PYTHON" evaluate.py "${EVAL[@]}" --no-compare --no-adaptive_retrieval --output_dir "$OUT/eval_seed1" \
