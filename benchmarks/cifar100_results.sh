@@ -70,18 +70,25 @@ wait
 
 # the comparison: every variant at the full budget, every protocol, on the 10,000 test images
 EVAL=(--dims 8,16,32,64,128,512 --num_workers 2 --report_to none --no-retrieval_grid)
-FINAL=() LABELS=()  # the seed-0 variants, labelled as the report's columns name them
+label() {  # a variant as the report's columns name it
+  case $1 in mrl) echo MRL ;; mrl-e) echo MRL-E ;; ff*) echo "FF-${1#ff}" ;; *) echo "$1" ;; esac
+}
+FINAL=() LABELS=() AGAIN=() AGAIN_LABELS=()  # the seed-0 variants; those trained again with seed 1
 for variant in "${VARIANTS[@]}"; do
-  [[ $variant == *:* ]] && continue
-  FINAL+=("$OUT/$variant")
-  case $variant in mrl) LABELS+=(MRL) ;; mrl-e) LABELS+=(MRL-E) ;; ff*) LABELS+=("FF-${variant#ff}") ;; *) LABELS+=("$variant") ;; esac
+  if [[ $variant == *:1 ]]; then
+    AGAIN+=("$OUT/seed1_${variant%:1}") AGAIN_LABELS+=("$(label "${variant%:1}") (seed 1)")
+  elif [[ $variant != *:* ]]; then
+    FINAL+=("$OUT/$variant") LABELS+=("$(label "$variant")")
+  fi
 done
 stage eval_final "$PYTHON" evaluate.py "${EVAL[@]}" --compare --output_dir "$OUT/eval_final" \
   --checkpoint "${FINAL[@]}" --labels "${LABELS[@]}"
 
-# the second seed: MRL and the baseline again, evaluated the same way
-stage eval_seed1 "$PYTHON" evaluate.py "${EVAL[@]}" --no-compare --no-adaptive_retrieval --output_dir "$OUT/eval_seed1" \
-  --checkpoint "$OUT"/seed1_{mrl,baseline} --labels "MRL (seed 1)" "baseline (seed 1)"
+# the second seed: the same variants again, evaluated the same way
+if (( ${#AGAIN[@]} )); then
+  stage eval_seed1 "$PYTHON" evaluate.py "${EVAL[@]}" --no-compare --no-adaptive_retrieval \
+    --output_dir "$OUT/eval_seed1" --checkpoint "${AGAIN[@]}" --labels "${AGAIN_LABELS[@]}"
+fi
 
 # the curves: MRL's prefix and the baseline (cut to d, and PCA to d) probed after each epoch's checkpoint
 for epoch in 1 2 4 8; do
