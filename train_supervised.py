@@ -213,6 +213,8 @@ def main(args):
         + f"heads at dims {dims}"
         + f"{' (MRL-E, tied)' if args.tied else ''}, {parameters:,} parameters"
         + f"\n{args.epochs} epochs x {steps} optimizer steps, "
+        + (f"training at {args.min_res}-{args.max_res} px (progressive resizing; --min_res/--max_res), evaluating at "
+           f"{args.image_size}, " if args.min_res else "")
         + f"{accelerator.num_processes} process(es), mixed precision: {accelerator.mixed_precision}, "
         + f"JPEGs decoded {'on the device' if args.decode_on_device else f'in the workers ({args.decoder})'}"
         + (" at reduced scales where the crops allow" if args.reduced_decode else "") + ", "

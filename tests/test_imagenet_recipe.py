@@ -16,11 +16,11 @@ pytestmark = pytest.mark.xdist_group("imagenet_recipe")
 def test_the_recipe_trains_resnet50_with_the_references_lr_and_resolution(tiny_imagenet, tmp_path):
     # 20 images, batch 4: 5 steps an epoch; the ramp from 32 to 64 px between epochs 0 and 2; the recipe's 2 warmup
     # epochs, given (a run this short would warm up for half of it)
-    run_script("train_supervised.py", "--dataset", "imagenet", "--dataset_path", tiny_imagenet.folder,
-               "--image_size", 64, "--min_res", 32, "--max_res", 64, "--start_ramp", 0, "--end_ramp", 2,
-               "--epochs", 3, "--warmup_epochs", 2, "--batch_size", 4, "--num_workers", 0, "--log_every", 1,
-               "--output_dir", tmp_path / "out",
-               tmp_path=tmp_path, wandb=True)
+    result = run_script("train_supervised.py", "--dataset", "imagenet", "--dataset_path", tiny_imagenet.folder,
+                        "--image_size", 64, "--min_res", 32, "--max_res", 64, "--start_ramp", 0, "--end_ramp", 2,
+                        "--epochs", 3, "--warmup_epochs", 2, "--batch_size", 4, "--num_workers", 0, "--log_every", 1,
+                        "--output_dir", tmp_path / "out", tmp_path=tmp_path, wandb=True)
+    assert "training at 32-64 px (progressive resizing; --min_res/--max_res), evaluating at 64" in result.stdout
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model"]["backbone"] == "resnet50" and config["model"]["blurpool"]
     assert config["heads"]["dims"] == [8, 16, 32, 64, 128, 256, 512, 1024, 2048] and config["heads"]["num_classes"] == 1000
@@ -44,16 +44,17 @@ def test_decoding_on_the_device_trains_as_decoding_in_the_workers(tiny_imagenet,
     """The same crops from the same seeds, decoded on the device (here the CPU) or in the workers: pixels within a
     level of each other (tests/test_decode.py; the same torchvision crop on the same uint8 pixels for plain JPEGs),
     so after 3 steps the validation losses agree far inside what another seed changes. Measured with seeds 0 and 1,
-    one thread: identical (relative difference 0.0); seed 0 against seed 1: 0.076."""
+    one thread, at 16 px: at most 8.5e-5 relative (5.4e-5 with seed 1); seed 0 against seed 1: 0.093."""
     common = ["--dataset", "imagenet", "--dataset_path", tiny_imagenet.folder, "--model", "resnet18", "--norm", "group",
-              "--image_size", 16, "--epochs", 1, "--batch_size", 4, "--max_train_samples", 12, "--num_workers", 0]
+              "--image_size", 16, "--min_res", 16, "--max_res", 16, "--epochs", 1, "--batch_size", 4,
+              "--max_train_samples", 12, "--num_workers", 0]
     metrics = []
     for name, flags in (("workers", []), ("device", ["--decode_on_device"])):
         result = run_script("train_supervised.py", *common, *flags, "--output_dir", tmp_path / name, tmp_path=tmp_path)
         assert ("JPEGs decoded on the device" in result.stdout) == (name == "device")
         metrics.append(json.loads((tmp_path / name / "metrics.json").read_text()))
     assert metrics[0]["steps"] == metrics[1]["steps"] == 3
-    np.testing.assert_allclose(metrics[1]["val"]["loss"], metrics[0]["val"]["loss"], rtol=1e-4)
+    np.testing.assert_allclose(metrics[1]["val"]["loss"], metrics[0]["val"]["loss"], rtol=1e-3)
 
 
 def test_fixed_feature_trains_one_head_on_the_first_k_dims(tmp_path):

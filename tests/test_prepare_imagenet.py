@@ -123,8 +123,8 @@ def test_prepared_shards_evaluate_and_resume_as_the_folder_does(tiny_imagenet, p
 
 def test_train_supervised_trains_and_evaluates_on_prepared_shards(prepared, tmp_path):
     result = run_script("train_supervised.py", "--dataset", "imagenet", "--dataset_path", prepared[0],
-                        "--model", "resnet18", "--image_size", 16, "--epochs", 1, "--batch_size", 4,
-                        "--num_workers", 0, "--output_dir", tmp_path / "run", tmp_path=tmp_path)
+                        "--model", "resnet18", "--image_size", 16, "--min_res", 16, "--max_res", 16, "--epochs", 1,
+                        "--batch_size", 4, "--num_workers", 0, "--output_dir", tmp_path / "run", tmp_path=tmp_path)
     assert "19 samples in 4 shards: 4 batches of 4" in result.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["val"]["n"] == 8 and np.isfinite(metrics["val"]["loss"]).all()
