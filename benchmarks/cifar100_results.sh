@@ -68,25 +68,30 @@ for lane in $(seq 0 $((LANES - 1))); do
 done
 wait
 
-# the comparison: every variant at the full budget, every protocol, on the 10,000 test images
-EVAL=(--dims 8,16,32,64,128,512 --num_workers 2 --report_to none --no-retrieval_grid)
+# the comparison at the full budget, on the 10,000 test images: MRL and the baseline by every protocol (probes, the
+# PCA baseline, kNN and retrieval, adaptive retrieval and the quantized shortlists); each other variant by its own
+# stage with what the tables read from it (its heads, the probe on its prefix, retrieval), which halves the time
+EVAL=(--dims 8,16,32,64,128,512 --num_workers 2 --report_to none --no-retrieval_grid --no-compare)
 label() {  # a variant as the report's columns name it
   case $1 in mrl) echo MRL ;; mrl-e) echo MRL-E ;; ff*) echo "FF-${1#ff}" ;; *) echo "$1" ;; esac
 }
-FINAL=() LABELS=() AGAIN=() AGAIN_LABELS=()  # the seed-0 variants; those trained again with seed 1
+AGAIN=() AGAIN_LABELS=()  # the variants trained again with seed 1
 for variant in "${VARIANTS[@]}"; do
   if [[ $variant == *:1 ]]; then
     AGAIN+=("$OUT/seed1_${variant%:1}") AGAIN_LABELS+=("$(label "${variant%:1}") (seed 1)")
-  elif [[ $variant != *:* ]]; then
-    FINAL+=("$OUT/$variant") LABELS+=("$(label "$variant")")
   fi
 done
-stage eval_final "$PYTHON" evaluate.py "${EVAL[@]}" --compare --output_dir "$OUT/eval_final" \
-  --checkpoint "${FINAL[@]}" --labels "${LABELS[@]}"
+stage eval_final "$PYTHON" evaluate.py "${EVAL[@]}" --output_dir "$OUT/eval_final" \
+  --checkpoint "$OUT"/{mrl,baseline} --labels MRL baseline
+for variant in "${VARIANTS[@]}"; do
+  [[ $variant == mrl || $variant == baseline || $variant == *:* ]] && continue
+  stage "eval_$variant" "$PYTHON" evaluate.py "${EVAL[@]}" --no-pca --no-adaptive_retrieval \
+    --output_dir "$OUT/eval_$variant" --checkpoint "$OUT/$variant" --labels "$(label "$variant")"
+done
 
 # the second seed: the same variants again, evaluated the same way
 if (( ${#AGAIN[@]} )); then
-  stage eval_seed1 "$PYTHON" evaluate.py "${EVAL[@]}" --no-compare --no-adaptive_retrieval \
+  stage eval_seed1 "$PYTHON" evaluate.py "${EVAL[@]}" --no-adaptive_retrieval \
     --output_dir "$OUT/eval_seed1" --checkpoint "${AGAIN[@]}" --labels "${AGAIN_LABELS[@]}"
 fi
 
@@ -94,7 +99,7 @@ fi
 for epoch in 1 2 4 8; do
   first=$(ls "$OUT/mrl/checkpoints" | sort | head -1)  # step_<the steps of one epoch>
   step=$(printf "step_%08d" $(( epoch * 10#${first#step_} )))
-  stage "eval_epoch$epoch" "$PYTHON" evaluate.py "${EVAL[@]}" --dims 8,16 --no-compare --no-adaptive_retrieval \
+  stage "eval_epoch$epoch" "$PYTHON" evaluate.py "${EVAL[@]}" --dims 8,16 --no-adaptive_retrieval \
     --output_dir "$OUT/eval_epoch$epoch" --labels MRL baseline \
     --checkpoint "$OUT/mrl/checkpoints/$step" "$OUT/baseline/checkpoints/$step"
 done

@@ -188,7 +188,11 @@ CURVE_DIMS = (8, 16)  # the dims the emergence curves follow
 
 
 def cifar100_report(folder):
+    # MRL and the baseline (every protocol) in eval_final/, each other variant in an eval_<variant>/ of its own
     final = json.loads((folder / "eval_final" / "results.json").read_text())
+    for path in sorted(folder.glob("eval_*/results.json")):
+        if not re.fullmatch(r"eval_(final|epoch\d+|seed\d+)", path.parent.name):
+            final["runs"] += json.loads(path.read_text())["runs"]
     epochs = {int(p.name.removeprefix("eval_epoch")): json.loads((p / "results.json").read_text())
               for p in sorted(folder.glob("eval_epoch*")) if (p / "results.json").is_file()}
     histories = {name: json.loads((folder / name / "metrics.json").read_text())
