@@ -75,12 +75,6 @@ EVAL=(--dims 8,16,32,64,128,512 --num_workers 2 --report_to none --no-retrieval_
 label() {  # a variant as the report's columns name it
   case $1 in mrl) echo MRL ;; mrl-e) echo MRL-E ;; ff*) echo "FF-${1#ff}" ;; *) echo "$1" ;; esac
 }
-AGAIN=() AGAIN_LABELS=()  # the variants trained again with seed 1
-for variant in "${VARIANTS[@]}"; do
-  if [[ $variant == *:1 ]]; then
-    AGAIN+=("$OUT/seed1_${variant%:1}") AGAIN_LABELS+=("$(label "${variant%:1}") (seed 1)")
-  fi
-done
 stage eval_final "$PYTHON" evaluate.py "${EVAL[@]}" --output_dir "$OUT/eval_final" \
   --checkpoint "$OUT"/{mrl,baseline} --labels MRL baseline
 for variant in "${VARIANTS[@]}"; do
@@ -89,11 +83,14 @@ for variant in "${VARIANTS[@]}"; do
     --output_dir "$OUT/eval_$variant" --checkpoint "$OUT/$variant" --labels "$(label "$variant")"
 done
 
-# the second seed: the same variants again, evaluated the same way
-if (( ${#AGAIN[@]} )); then
-  stage eval_seed1 "$PYTHON" evaluate.py "${EVAL[@]}" --no-adaptive_retrieval \
-    --output_dir "$OUT/eval_seed1" --checkpoint "${AGAIN[@]}" --labels "${AGAIN_LABELS[@]}"
-fi
+# the second seed: the variants trained again, evaluated as their first seed was, each in a stage of its own
+for variant in "${VARIANTS[@]}"; do
+  [[ $variant == *:1 ]] || continue
+  name=${variant%:1}
+  pca=(--no-pca) && [[ $name == baseline ]] && pca=()  # the baseline's PCA to d is a column of the comparison
+  stage "eval_seed1_$name" "$PYTHON" evaluate.py "${EVAL[@]}" "${pca[@]}" --no-adaptive_retrieval \
+    --output_dir "$OUT/eval_seed1_$name" --checkpoint "$OUT/seed1_$name" --labels "$(label "$name") (seed 1)"
+done
 
 # the curves: MRL's prefix and the baseline (cut to d, and PCA to d) probed after each epoch's checkpoint
 for epoch in 1 2 4 8; do

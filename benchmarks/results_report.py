@@ -199,8 +199,10 @@ def cifar100_report(folder):
                  for name in ("mrl", *(f"ff{d}" for d in CURVE_DIMS))}
     budget = len(histories["mrl"]["history"])
     epochs[budget] = final  # the last point of the curves: the comparison itself
-    seeds = {int(p.name.removeprefix("eval_seed")): json.loads((p / "results.json").read_text())
-             for p in sorted(folder.glob("eval_seed*")) if (p / "results.json").is_file()}
+    seeds = {}  # {seed: results} from eval_seed<seed>[_<variant>]/, the second seed's runs
+    for path in sorted(folder.glob("eval_seed*/results.json")):
+        seed = int(re.fullmatch(r"eval_seed(\d+)(_.+)?", path.parent.name).group(1))
+        seeds.setdefault(seed, {"runs": []})["runs"] += json.loads(path.read_text())["runs"]
     # the commit the script started at, and those a resumed stage ran at (timings.txt's last column)
     commits = {(folder / "commit.txt").read_text().strip()} | {
         line.split()[3] for line in (folder / "timings.txt").read_text().splitlines() if len(line.split()) > 3}
