@@ -75,6 +75,19 @@ def shared_run(tmp_path_factory, name, script, *args, **kwargs):
     return tmp, subprocess.CompletedProcess(**json.loads(saved.read_text()))
 
 
+def three_steps_on_tiny_imagenet(folder, tmp_path, variants):
+    """ResNet-18 (GroupNorm: no batch statistics) trained 3 steps at 16 px on 12 images of the tiny ImageNet `folder`,
+    once per (name, extra flags) of `variants`: {name: (the script's result, its metrics.json)}."""
+    common = ["--dataset", "imagenet", "--dataset_path", folder, "--model", "resnet18", "--norm", "group",
+              "--image_size", 16, "--min_res", 16, "--max_res", 16, "--epochs", 1, "--batch_size", 4,
+              "--max_train_samples", 12, "--num_workers", 0]
+    runs = {}
+    for name, flags in variants:
+        result = run_script("train_supervised.py", *common, *flags, "--output_dir", tmp_path / name, tmp_path=tmp_path)
+        runs[name] = result, json.loads((tmp_path / name / "metrics.json").read_text())
+    return runs
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One supervised run shared by the tests that inspect or continue it: digits, two epochs with gradient

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import DIGITS_FAST, run_script
+from conftest import DIGITS_FAST, run_script, three_steps_on_tiny_imagenet
 from test_recipe import reference_lr_per_step, reference_resolution
 from wandb_history import history, run_dirs
 
@@ -45,14 +45,11 @@ def test_decoding_on_the_device_trains_as_decoding_in_the_workers(tiny_imagenet,
     level of each other (tests/test_decode.py; the same torchvision crop on the same uint8 pixels for plain JPEGs),
     so after 3 steps the validation losses agree far inside what another seed changes. Measured with seeds 0 and 1,
     one thread, at 16 px: at most 8.5e-5 relative (5.4e-5 with seed 1); seed 0 against seed 1: 0.093."""
-    common = ["--dataset", "imagenet", "--dataset_path", tiny_imagenet.folder, "--model", "resnet18", "--norm", "group",
-              "--image_size", 16, "--min_res", 16, "--max_res", 16, "--epochs", 1, "--batch_size", 4,
-              "--max_train_samples", 12, "--num_workers", 0]
-    metrics = []
-    for name, flags in (("workers", []), ("device", ["--decode_on_device"])):
-        result = run_script("train_supervised.py", *common, *flags, "--output_dir", tmp_path / name, tmp_path=tmp_path)
+    runs = three_steps_on_tiny_imagenet(tiny_imagenet.folder, tmp_path,
+                                        [("workers", []), ("device", ["--decode_on_device"])])
+    for name, (result, _) in runs.items():
         assert ("JPEGs decoded on the device" in result.stdout) == (name == "device")
-        metrics.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    metrics = [metrics for _, metrics in runs.values()]
     assert metrics[0]["steps"] == metrics[1]["steps"] == 3
     np.testing.assert_allclose(metrics[1]["val"]["loss"], metrics[0]["val"]["loss"], rtol=1e-3)
 

@@ -4,13 +4,12 @@ is used, identical where it is not (the full scale needed, or not a plain JPEG),
 default's."""
 
 import io
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import three_steps_on_tiny_imagenet
 from PIL import Image
 from test_decode import MEAN, STD, hard_cases, photo
 
@@ -108,12 +107,9 @@ def test_training_with_reduced_decoding_ends_where_the_default_does(tiny_imagene
     """3 steps on the tiny ImageNet at 16 px, where most crops decode at 1/2 to 1/8: the validation losses agree far
     inside what another seed changes. Measured (one thread, the 7 heads' losses): at most 5.8e-4 relative between the
     two with seed 0, 7.7e-4 with seed 1; seed 0 against seed 1: 0.093, with or without --reduced_decode."""
-    common = ["--dataset", "imagenet", "--dataset_path", tiny_imagenet.folder, "--model", "resnet18", "--norm", "group",
-              "--image_size", 16, "--min_res", 16, "--max_res", 16, "--epochs", 1, "--batch_size", 4,
-              "--max_train_samples", 12, "--num_workers", 0]
-    losses = []
-    for name, flags in (("full", []), ("reduced", ["--reduced_decode"])):
-        result = run_script("train_supervised.py", *common, *flags, "--output_dir", tmp_path / name, tmp_path=tmp_path)
+    runs = three_steps_on_tiny_imagenet(tiny_imagenet.folder, tmp_path,
+                                        [("full", []), ("reduced", ["--reduced_decode"])])
+    for name, (result, _) in runs.items():
         assert ("at reduced scales where the crops allow" in result.stdout) == (name == "reduced")
-        losses.append(np.array(json.loads((tmp_path / name / "metrics.json").read_text())["val"]["loss"]))
+    losses = [np.array(metrics["val"]["loss"]) for _, metrics in runs.values()]
     np.testing.assert_allclose(losses[1], losses[0], rtol=0.02)
