@@ -15,9 +15,11 @@
 # Every stage resumes: a training run continues from its newest checkpoint, a finished run or evaluation is skipped,
 # so an interrupted script is relaunched unchanged. Training runs in LANES parallel lanes of one thread each (two
 # single-threaded runs train ~20% more images/s on 2 cores than one run on both). Stage timings go to timings.txt.
-# About 3 hours on 2 CPU cores, alone. ONLY=REGEX runs only the stages whose names match (e.g. ONLY=eval_epoch: the
-# curves' evaluations, once the MRL and baseline runs are trained, while the others still train). VARIANTS="..." trains
-# and compares fewer (or other) variants, e.g. VARIANTS="mrl baseline ff8 ff16 mrl-e ff32 mrl:1 baseline:1".
+# About 7 hours on 2 CPU cores (measured here: a 12-epoch run ~58 min in one of two lanes, MRL and the baseline's
+# evaluation ~37 min, each other variant's ~6, each epoch's ~10-18). ONLY=REGEX runs only the stages whose names
+# match (e.g. ONLY=eval_epoch: the curves' evaluations, once the MRL and baseline runs are trained, while the others
+# still train). VARIANTS="..." trains and evaluates fewer (or other) variants, e.g. VARIANTS="ff128 baseline:1" adds
+# those two to a finished folder.
 #   Usage: bash benchmarks/cifar100_results.sh [output folder, default runs/cifar100_results]
 set -euo pipefail
 cd "$(dirname "$0")/.."
