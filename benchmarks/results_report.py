@@ -46,7 +46,8 @@ def main():
         ssl = json.loads((folder / "eval_ssl" / "results.json").read_text())
         stamp = f"commit {(folder / 'commit.txt').read_text().strip()}, {(folder / 'date.txt').read_text().strip()}"
         figure(supervised, ssl, ROOT / "docs" / "results.png")
-        replace_between(ROOT / "docs" / "results.md", "cpu_results", full_tables(supervised, ssl, stamp, minutes(folder)))
+        replace_between(ROOT / "docs" / "results.md", "cpu_results",
+                        full_tables(supervised, ssl, stamp, minutes(folder)))
         print(f"wrote docs/results.png and the CIFAR-10 tables of docs/results.md ({stamp})")
     if args.cifar100:
         cifar100_report(args.cifar100)
@@ -162,7 +163,8 @@ def figure(supervised, ssl, path):
         left.plot(shown, [100 * values[d] for d in shown], linestyle=style, marker=marker, label=label)
     ff = sorted([(run["fixed_feature"], heads(run)[run["fixed_feature"]]) for run in supervised["runs"]
                  if run["family"] == "FF"] + [(dims[-1], heads(sup["baseline"])[dims[-1]])])  # the baseline is FF-full
-    left.plot([k for k, _ in ff], [100 * v for _, v in ff], "s", color="black", label="FF-d heads (a run per d; the baseline at full d)")
+    left.plot([k for k, _ in ff], [100 * v for _, v in ff], "s", color="black",
+              label="FF-d heads (a run per d; the baseline at full d)")
     left.set_title("supervised, CIFAR-10 at 16 px")
     for method in (*SSL_METHODS, "untrained"):
         values = column(self_sup[method], "probe")
@@ -206,7 +208,8 @@ def cifar100_report(folder):
     # the commit the script started at, and those a resumed stage ran at (timings.txt's last column)
     commits = {(folder / "commit.txt").read_text().strip()} | {
         line.split()[3] for line in (folder / "timings.txt").read_text().splitlines() if len(line.split()) > 3}
-    stamp = f"commit{'s' if len(commits) > 1 else ''} {', '.join(sorted(commits))}, {(folder / 'date.txt').read_text().strip()}"
+    stamp = (f"commit{'s' if len(commits) > 1 else ''} {', '.join(sorted(commits))}, "
+             f"{(folder / 'date.txt').read_text().strip()}")
     curves = emergence(epochs, histories)
     comparison_figure(final, ROOT / "docs" / "results_cifar100.png")
     emergence_figure(curves, ROOT / "docs" / "emergence.png")
@@ -216,7 +219,8 @@ def cifar100_report(folder):
     quantized = {label: run["quantized_retrieval"] for label, run in runs_by_label(final).items()
                  if label in ("MRL", "baseline")}
     plots.quantized_retrieval(quantized, ROOT / "docs" / "quantized_cifar100.png", "recall@10",
-                              next(iter(quantized.values()))[0]["shortlist"], title="CIFAR-100: what an index's bytes buy")
+                              next(iter(quantized.values()))[0]["shortlist"],
+                              title="CIFAR-100: what an index's bytes buy")
     replace_between(ROOT / "README.md", "headline",
                     cifar100_headline(final, curves, seeds, stamp, budget, still_rising(histories["mrl"])))
     print(f"wrote docs/results_cifar100.png, docs/emergence.png and the CIFAR-100 tables of docs/results.md and "
@@ -301,8 +305,9 @@ def cifar100_tables(final, curves, seeds, stamp, total_minutes, budget):
         emerge.append(f"| {d} | " + " | ".join(
             " ".join(f"{e}: {pts(g)}" for e, g in points) + f" ({describe_turn(points)})"
             for points in (cut, pca, head)) + " |")
-    return (f"Measured at {stamp} by `bash benchmarks/cifar100_results.sh` ({total_minutes:.0f} minutes of stages on "
-            "the 2-core CPU machine): CIFAR-100, all 45,000 training images (5,000 held out for validation) at 32 px, "
+    return (f"Measured at {stamp} by `bash benchmarks/cifar100_results.sh` on the 2-core CPU machine (its stages' "
+            f"times sum to {total_minutes:.0f} minutes, two at a time): CIFAR-100, all 45,000 training images (5,000 "
+            "held out for validation) at 32 px, "
             f"ResNet-18 with the ImageNet stem (512-d embedding), {budget} epochs, batch 128, AdamW 2e-3, the blog's "
             "ExponentialLR (x0.85 per epoch), seed 0; evaluated by `evaluate.py` on the 10,000 test images (probes "
             "fitted on the 45,000). FF-d: a run trained with one head on the first d dims (the baseline is FF-512).\n\n"
@@ -333,16 +338,15 @@ def describe_turn(points):
 
 def says_heads(mrl, ff, base, dims, spread):
     gaps = {d: head_metric(mrl, d) - ff_head(ff, base, d) for d in dims if ff_head(ff, base, d) is not None}
-    worst, best = min(gaps, key=gaps.get), max(gaps, key=gaps.get)
-    if gaps[worst] >= 0:
-        verdict = "matches or beats"
-    elif gaps[worst] > -0.01:
-        verdict = f"is within {-100 * gaps[worst]:.1f} points of"
-    else:
-        verdict = "falls short of"
-    return (f"MRL's heads against separately trained FF-d heads: from {pts(gaps[worst])} points (d = {worst}) to "
-            f"{pts(gaps[best])} (d = {best}); one MRL model {verdict} the {len(gaps)} models trained one per d."
-            + within_spread(gaps, spread))
+    ahead = [d for d, gap in gaps.items() if gap >= 0.005]
+    behind = [d for d, gap in gaps.items() if gap <= -0.005]
+    level = [d for d in gaps if d not in ahead and d not in behind]
+    parts = [f"{what} at d = {', '.join(f'{d} ({pts(gaps[d])})' for d in where)}"
+             for what, where in (("ahead", ahead), ("level (within half a point)", level), ("behind", behind)) if where]
+    verdict = (f" One MRL model matches or beats the {len(gaps)} models trained one per d." if not behind else
+               f" One MRL model falls short of the {len(gaps)} models trained one per d." if not ahead + level else "")
+    return (f"MRL's heads against separately trained FF-d heads (the baseline is FF-{base['embed_dim']}), in points: "
+            f"{'; '.join(parts)}.{verdict}" + within_spread(gaps, spread))
 
 
 def says_probes(mrl, base, d, spread):
@@ -456,7 +460,7 @@ def quantized_tables(final, stamp, target=10_000_000):
                            bold(f"{m['recall@10']:.3f}", key in front["MRL"]),
                            bold(f"{b['recall@10']:.3f}", key in front["baseline"]),
                            f"{m['map@10']:.3f}", f"{b['map@10']:.3f}", f"{m['index_bytes'] / 2**20:.2f} MiB",
-                           f"{m['ms_per_query']:.2f}", f"{m['index_bytes'] * scale / 2**30:.1f} GiB",
+                           f"{m['ms_per_query']:.2f}", size(m["index_bytes"] * scale),
                            f"{m['ms_per_query'] * scale / 1000:.1f} s"])
     cheapest = {label: min((r for r in found if r["recall@10"] >= 0.9), key=lambda r: r["bytes_per_image"],
                            default=None) for label, found in rows.items()}
@@ -475,6 +479,10 @@ def quantized_tables(final, stamp, target=10_000_000):
                      "baseline mAP@10", f"MRL index at {n:,}", "ms / query", "index at 10M", "query at 10M"],
                     table_rows)
             + f"\n\nWhat it shows: {says}.\n\n![recall against bytes](quantized_cifar100.png)")
+
+
+def size(nbytes):
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
 def comparison_figure(final, path):
