@@ -96,6 +96,7 @@ done
 
 # the curves: MRL's prefix and the baseline (cut to d, and PCA to d) probed after each epoch's checkpoint
 for epoch in 1 2 4 8; do
+  (( epoch < EPOCHS )) || continue  # the last point of the curves is eval_final
   first=$(ls "$OUT/mrl/checkpoints" | sort | head -1)  # step_<the steps of one epoch>
   step=$(printf "step_%08d" $(( epoch * 10#${first#step_} )))
   stage "eval_epoch$epoch" "$PYTHON" evaluate.py "${EVAL[@]}" --dims 8,16 --no-adaptive_retrieval \
