@@ -187,6 +187,18 @@ def figure(supervised, ssl, path):
 # ---- CIFAR-100 (benchmarks/cifar100_results.sh)
 
 CURVE_DIMS = (8, 16)  # the dims the emergence curves follow
+DEFAULT_VARIANTS = "mrl baseline ff8 ff16 mrl-e ff32 ff64 ff128 mrl:1 baseline:1".split()  # the script's defaults
+DEFAULT_EPOCHS = 12
+
+
+def command(folder, budget):
+    """The cifar100_results.sh command line that trains what `folder` holds (its variants and epochs)."""
+    trained = {p.parent.name for p in folder.glob("*/metrics.json")}
+    present = [v for v in DEFAULT_VARIANTS
+               if (f"seed{v.split(':')[1]}_{v.split(':')[0]}" if ":" in v else v) in trained]
+    env = ([f"EPOCHS={budget}"] if budget != DEFAULT_EPOCHS else []) + (
+        [f'VARIANTS="{" ".join(present)}"'] if present != DEFAULT_VARIANTS else [])
+    return " ".join([*env, "bash benchmarks/cifar100_results.sh"])
 
 
 def cifar100_report(folder):
@@ -213,7 +225,7 @@ def cifar100_report(folder):
     curves = emergence(epochs, histories)
     comparison_figure(final, ROOT / "docs" / "results_cifar100.png")
     emergence_figure(curves, ROOT / "docs" / "emergence.png")
-    text = cifar100_tables(final, curves, seeds, stamp, minutes(folder), budget)
+    text = cifar100_tables(final, curves, seeds, stamp, minutes(folder), budget, command(folder, budget))
     replace_between(ROOT / "docs" / "results.md", "cifar100_results", text)
     replace_between(ROOT / "docs" / "results.md", "quantized_results", quantized_tables(final, stamp))
     quantized = {label: run["quantized_retrieval"] for label, run in runs_by_label(final).items()
@@ -276,23 +288,25 @@ def pts(value):
     return f"{100 * value:+.1f}"
 
 
-def cifar100_tables(final, curves, seeds, stamp, total_minutes, budget):
+def cifar100_tables(final, curves, seeds, stamp, total_minutes, budget, run_by):
     runs, ff = variants(final)
-    mrl, tied, base = runs["MRL"], runs["MRL-E"], runs["baseline"]
+    mrl, base = runs["MRL"], runs["baseline"]
+    tied = [runs["MRL-E"]] if "MRL-E" in runs else []  # a column only where the run was trained (VARIANTS=...)
+    e_col = ["MRL-E"] if tied else []
     dims = [d for d in mrl["dims"]]
     both = lambda top1, top5: "" if top1 is None else f"{top1:.3f} / {top5:.3f}"  # noqa: E731
     heads_rows = [[str(d), both(head_metric(mrl, d), head_metric(mrl, d, "top5")),
-                   both(head_metric(tied, d), head_metric(tied, d, "top5")),
+                   *(both(head_metric(run, d), head_metric(run, d, "top5")) for run in tied),
                    both(ff_head(ff, base, d), ff_head(ff, base, d, "top5")),
                    pts(head_metric(mrl, d) - ff_head(ff, base, d)) if ff_head(ff, base, d) is not None else ""]
                   for d in dims]
     probe_rows = [[str(d), both(column(mrl, "probe")[d], column(mrl, "probe_top5")[d]),
-                   both(column(tied, "probe")[d], column(tied, "probe_top5")[d]),
+                   *(both(column(run, "probe")[d], column(run, "probe_top5")[d]) for run in tied),
                    both(column(base, "probe")[d], column(base, "probe_top5")[d]),
                    both(column(base, "pca_probe")[d], column(base, "pca_probe_top5")[d]),
                    pts(column(mrl, "probe")[d] - column(base, "probe")[d]),
                    pts(column(mrl, "probe")[d] - column(base, "pca_probe")[d])] for d in dims]
-    retrieval_rows = [[str(d), fmt(column(mrl, "map@10")[d]), fmt(column(tied, "map@10")[d]),
+    retrieval_rows = [[str(d), fmt(column(mrl, "map@10")[d]), *(fmt(column(run, "map@10")[d]) for run in tied),
                        fmt(column(base, "map@10")[d]), fmt(column(base, "pca_map@10")[d])] for d in dims]
     small = dims[0]
     seed_table, spread = seed_spread(final, seeds, dims)
@@ -305,20 +319,21 @@ def cifar100_tables(final, curves, seeds, stamp, total_minutes, budget):
         emerge.append(f"| {d} | " + " | ".join(
             " ".join(f"{e}: {pts(g)}" for e, g in points) + f" ({describe_turn(points)})"
             for points in (cut, pca, head)) + " |")
-    return (f"Measured at {stamp} by `bash benchmarks/cifar100_results.sh` on the 2-core CPU machine (its stages' "
+    return (f"Measured at {stamp} by `{run_by}` on the 2-core CPU machine (its stages' "
             f"times sum to {total_minutes:.0f} minutes, two at a time): CIFAR-100, all 45,000 training images (5,000 "
             "held out for validation) at 32 px, "
             f"ResNet-18 with the ImageNet stem (512-d embedding), {budget} epochs, batch 128, AdamW 2e-3, the blog's "
             "ExponentialLR (x0.85 per epoch), seed 0; evaluated by `evaluate.py` on the 10,000 test images (probes "
             "fitted on the 45,000). FF-d: a run trained with one head on the first d dims (the baseline is FF-512).\n\n"
             "**Heads against heads** (each model's own classifier, test top-1 / top-5):\n\n"
-            + table(["d", "MRL head", "MRL-E head", "FF-d head", "MRL - FF-d, pt"], heads_rows) + "\n\n"
+            + table(["d", "MRL head", *(f"{c} head" for c in e_col), "FF-d head", "MRL - FF-d, pt"], heads_rows)
+            + "\n\n"
             "**Probes against probes** (a linear probe on the d-dim embedding, test top-1 / top-5):\n\n"
-            + table(["d", "MRL prefix", "MRL-E prefix", "baseline cut to d", "baseline PCA to d",
+            + table(["d", "MRL prefix", *(f"{c} prefix" for c in e_col), "baseline cut to d", "baseline PCA to d",
                      "MRL - cut, pt", "MRL - PCA, pt"], probe_rows) + "\n\n"
             "**Retrieval** (test images as queries against the training images, mAP@10 of the d-dim prefix, same "
             "label = relevant):\n\n"
-            + table(["d", "MRL", "MRL-E", "baseline cut to d", "baseline PCA to d"], retrieval_rows) + "\n\n"
+            + table(["d", "MRL", *e_col, "baseline cut to d", "baseline PCA to d"], retrieval_rows) + "\n\n"
             + (seed_table + "\n\n" if seed_table else "")
             + "What it shows: " + " ".join(says) + "\n\n"
             "**Where it emerges**: the gaps after each epoch of training (the runs' checkpoints: under this schedule "
@@ -489,12 +504,13 @@ def comparison_figure(final, path):
     """Test top-1 against log2(d): MRL's and MRL-E's heads, the FF-d points, MRL's prefix probe, and the baseline cut
     to d and reduced by PCA (probes)."""
     runs, ff = variants(final)
-    mrl, tied, base = runs["MRL"], runs["MRL-E"], runs["baseline"]
+    mrl, base = runs["MRL"], runs["baseline"]
+    tied = [runs["MRL-E"]] if "MRL-E" in runs else []
     dims = mrl["dims"]
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     for label, values, style, marker in [
             ("MRL heads", {d: head_metric(mrl, d) for d in dims}, "-", "o"),
-            ("MRL-E heads", {d: head_metric(tied, d) for d in dims}, "--", "^"),
+            *(("MRL-E heads", {d: head_metric(run, d) for d in dims}, "--", "^") for run in tied),
             ("MRL prefix (probe)", column(mrl, "probe"), "-", "."),
             ("baseline cut to d (probe)", column(base, "probe"), ":", "x"),
             ("baseline PCA to d (probe)", column(base, "pca_probe"), "-.", "d")]:
