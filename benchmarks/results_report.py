@@ -319,9 +319,9 @@ def cifar100_tables(final, curves, seeds, stamp, total_minutes, budget, run_by):
         emerge.append(f"| {d} | " + " | ".join(
             " ".join(f"{e}: {pts(g)}" for e, g in points) + f" ({describe_turn(points)})"
             for points in (cut, pca, head)) + " |")
-    return (f"Measured at {stamp} by `{run_by}` on the 2-core CPU machine (its stages' "
-            f"times sum to {total_minutes:.0f} minutes, two at a time): CIFAR-100, all 45,000 training images (5,000 "
-            "held out for validation) at 32 px, "
+    return (f"Measured at {stamp} by `{run_by}` on the 2-core CPU machine (its stages' times sum to "
+            f"{total_minutes:.0f} minutes; trainings ran several at a time): CIFAR-100, all 45,000 training images "
+            "(5,000 held out for validation) at 32 px, "
             f"ResNet-18 with the ImageNet stem (512-d embedding), {budget} epochs, batch 128, AdamW 2e-3, the blog's "
             "ExponentialLR (x0.85 per epoch), seed 0; evaluated by `evaluate.py` on the 10,000 test images (probes "
             "fitted on the 45,000). FF-d: a run trained with one head on the first d dims (the baseline is FF-512).\n\n"
@@ -546,6 +546,7 @@ def emergence_figure(curves, path):
         ax.axhline(0, color="gray", linewidth=0.8)
         ax.set_title(f"d = {d}")
         ax.set_xlabel("epochs trained")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("gap, points of top-1")
     axes[0].legend(fontsize=7)
