@@ -15,11 +15,12 @@
 # Every stage resumes: a training run continues from its newest checkpoint, a finished run or evaluation is skipped,
 # so an interrupted script is relaunched unchanged. Training runs in LANES parallel lanes of one thread each (two
 # single-threaded runs train ~20% more images/s on 2 cores than one run on both). Stage timings go to timings.txt.
-# About 7 hours on 2 CPU cores (measured here: a 12-epoch run ~58 min in one of two lanes, MRL and the baseline's
-# evaluation ~37 min, each other variant's ~6, each epoch's ~10-18). ONLY=REGEX runs only the stages whose names
-# match (e.g. ONLY=eval_epoch: the curves' evaluations, once the MRL and baseline runs are trained, while the others
-# still train). VARIANTS="..." trains and evaluates fewer (or other) variants, e.g. VARIANTS="ff128 baseline:1" adds
-# those two to a finished folder.
+# Measured on 2 CPU cores: EPOCHS=4 about 2 hours (a 4-epoch run 12 min in one of two lanes; MRL's and the
+# baseline's evaluation 42 min beside two trainings; each other variant's and each epoch's 2-3 min alone); the
+# default 12 epochs triples the training, 4-7 hours (7 on a machine loaded with other work). ONLY=REGEX runs only
+# the stages whose names match (e.g. ONLY=eval_epoch: the curves' evaluations, once the MRL and baseline runs are
+# trained, while the others still train). VARIANTS="..." trains and evaluates fewer (or other) variants, e.g.
+# VARIANTS="ff128 baseline:1" adds those two to a finished folder.
 #   Usage: bash benchmarks/cifar100_results.sh [output folder, default runs/cifar100_results]
 set -euo pipefail
 cd "$(dirname "$0")/.."
