@@ -187,17 +187,18 @@ def figure(supervised, ssl, path):
 # ---- CIFAR-100 (benchmarks/cifar100_results.sh)
 
 CURVE_DIMS = (8, 16)  # the dims the emergence curves follow
-DEFAULT_VARIANTS = "mrl baseline ff8 ff16 mrl-e ff32 ff64 ff128 mrl:1 baseline:1".split()  # the script's defaults
-DEFAULT_EPOCHS = 12
 
 
 def command(folder, budget):
-    """The cifar100_results.sh command line that trains what `folder` holds (its variants and epochs)."""
+    """The cifar100_results.sh command line that trains what `folder` holds (its variants and epochs): the
+    script's defaults, read from the script itself, and the overrides where the folder differs from them."""
+    script = (ROOT / "benchmarks" / "cifar100_results.sh").read_text()
+    defaults = re.search(r"VARIANTS:-([^}]*)}", script).group(1).split()
+    epochs = int(re.search(r"EPOCHS=\$\{EPOCHS:-(\d+)\}", script).group(1))
     trained = {p.parent.name for p in folder.glob("*/metrics.json")}
-    present = [v for v in DEFAULT_VARIANTS
-               if (f"seed{v.split(':')[1]}_{v.split(':')[0]}" if ":" in v else v) in trained]
-    env = ([f"EPOCHS={budget}"] if budget != DEFAULT_EPOCHS else []) + (
-        [f'VARIANTS="{" ".join(present)}"'] if present != DEFAULT_VARIANTS else [])
+    present = [v for v in defaults if (f"seed{v.split(':')[1]}_{v.split(':')[0]}" if ":" in v else v) in trained]
+    env = ([f"EPOCHS={budget}"] if budget != epochs else []) + (
+        [f'VARIANTS="{" ".join(present)}"'] if present != defaults else [])
     return " ".join([*env, "bash benchmarks/cifar100_results.sh"])
 
 
